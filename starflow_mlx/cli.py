@@ -1,0 +1,51 @@
+"""``starflow-mlx`` command line: ``starflow-mlx convert <kind> ...`` (generate and score come later)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .weights import CheckpointError
+
+# Each converter module in convert/ exposes ``add_parser(subparsers)`` that registers ``convert <kind>`` and sets
+# ``func`` to a callable taking the parsed arguments.
+CONVERTERS = ["convert.flow", "convert.t5", "convert.wan_vae", "convert.sd_vae"]
+
+log = logging.getLogger("starflow_mlx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starflow-mlx", description="STARFlow / STARFlow-V in MLX")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="convert released checkpoints into MLX model folders")
+    kinds = convert.add_subparsers(dest="kind", required=True)
+    for name in CONVERTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # converter not present in this build
+                continue
+            raise
+        module.add_parser(kinds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        log.error("error: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
