@@ -1,0 +1,330 @@
+"""The STARFlow / STARFlow-V normalizing flow: deep-shallow stack of transformer autoregressive flow blocks.
+
+Layouts: images (B, C, H, W) and videos (B, T, C, H, W) at the API; inside, every tensor is (B, T, H, W, C) with
+T = 1 for images (a one-frame video has the same positions, permutations and masks as an image) and blocks work
+on flattened (B, S, C) token sequences, S = T*H*W.
+
+Block i maps x -> z = (x - b(x_<)) / a(x_<) in its own token order; the deep (last) block alone sees the text, as a
+causal prefix, and classifier-free guidance. Sampling inverts the deep block first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import KVCache, RMSNorm, TransformerLayer
+from .config import GAUSSIAN_LOG_NORM, FlowConfig
+from .rope import rope_table
+
+# softplus(s + ln(e - 1)) = 1 at s = 0: an untrained block is the identity (spec §4.3, pitfall §8.5)
+INV_SOFTPLUS_1 = 0.541324854612918
+
+
+def guide(a: mx.array, b: mx.array, weight: float) -> tuple[mx.array, mx.array]:
+    """Classifier-free guidance on per-token Gaussians N(b, a^2), rows [cond; uncond] (spec §5.2).
+
+    N(b_c, a_c^2)^(1+w) / N(b_u, a_u^2)^w with the ratio a_c/a_u clipped at 1 before squaring, so the precision
+    denominator 1 + w - w*s stays >= 1. The guided values go to both halves (the uncond branch consumes them).
+    """
+    n = a.shape[0] // 2
+    a_c, a_u, b_c, b_u = a[:n], a[n:], b[:n], b[n:]
+    s = mx.square(mx.minimum(a_c / a_u, 1.0))
+    denom = 1 + weight - weight * s
+    a_g = a_c / mx.sqrt(denom)
+    b_g = ((1 + weight) * b_c - (weight * s) * b_u) / denom
+    return mx.concatenate([a_g, a_g]), mx.concatenate([b_g, b_g])
+
+
+class MetaBlock(nn.Module):
+    """One autoregressive affine flow step: a causal transformer over the SOS-shifted, permuted token sequence."""
+
+    def __init__(self, config: FlowConfig, dims: int, num_layers: int, txt_dim: int, permutation: str):
+        super().__init__()
+        cin = config.patch_channels
+        self.sos_embed = mx.zeros((1, 1, cin))
+        self.proj_in = nn.Linear(cin, dims)
+        if txt_dim:
+            self.proj_txt = nn.Linear(txt_dim, dims)
+        self.layers = [TransformerLayer(dims, config.head_dim) for _ in range(num_layers)]
+        if config.use_final_norm:
+            self.final_norm = RMSNorm(dims)
+        self.proj_out = nn.Linear(dims, 2 * cin)
+        self.txt_dim = txt_dim
+        self.permutation = permutation
+        self.flip_in_frame = config.temporal_causal != 0
+        self.soft_clip = config.soft_clip
+        self.use_softplus = config.use_softplus
+        self.use_final_norm = config.use_final_norm
+        self.head_dim = config.head_dim
+        self.pt_seq_len = config.pt_seq_len
+
+    # ---- token order ----
+    def permute(self, x: mx.array, frames: int) -> mx.array:
+        """Natural raster order -> this block's order; an involution, so it also un-permutes."""
+        if self.permutation == "identity":
+            return x
+        if self.flip_in_frame and frames > 1:
+            B, S, C = x.shape
+            return x.reshape(B, frames, S // frames, C)[:, :, ::-1].reshape(B, S, C)
+        return x[:, ::-1]
+
+    def rope(self, frames: int, h: int, w: int, txt_len: int) -> tuple[mx.array, mx.array]:
+        return rope_table(h, w, frames, txt_len if self.txt_dim else 0, self.pt_seq_len, self.head_dim)
+
+    def make_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        return self.proj_in.weight.dtype
+
+    # ---- the shared pieces of forward, sequential and Jacobi inverses ----
+    def hidden(self, slots, text, rope, caches=None) -> mx.array:
+        """Transformer over ``[proj_txt(text) ; proj_in(slots)]`` (either may be None); returns the slot part."""
+        dtype = self.compute_dtype
+        parts = []
+        if text is not None:
+            parts.append(self.proj_txt(text.astype(dtype)))
+        if slots is not None:
+            parts.append(self.proj_in(slots.astype(dtype)))
+        h = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        txt_len = 0 if text is None else text.shape[1]
+        cos, sin = rope
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+            h = layer(h, cos, sin, "causal", cache)
+        return h[:, txt_len:]
+
+    def affine(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        """Scale a > 0 and shift b, float32, from hidden states (soft clip before the split, §8.4)."""
+        if self.use_final_norm:
+            h = self.final_norm(h)
+        out = self.proj_out(h)
+        if self.soft_clip > 0:
+            out = self.soft_clip * mx.tanh(out / self.soft_clip)
+        s, b = mx.split(out.astype(mx.float32), 2, axis=-1)
+        a = nn.softplus(s + INV_SOFTPLUS_1) if self.use_softplus else mx.exp(s)
+        return a, b
+
+    def step(self, slots: mx.array, caches: list[KVCache], rope) -> tuple[mx.array, mx.array]:
+        """(a, b) for a run of input slots appended to the cache: 1 slot (sequential) or a chunk (Jacobi)."""
+        return self.affine(self.hidden(slots, None, rope, caches))
+
+    def push_text(self, text: mx.array, caches: list[KVCache], rope) -> None:
+        """Fill the caches with the text prefix (positions 0..L-1) before solving image tokens."""
+        self.hidden(None, text, rope, caches)
+
+    def sos(self, batch: int) -> mx.array:
+        return mx.broadcast_to(self.sos_embed.astype(mx.float32), (batch, 1, self.sos_embed.shape[-1]))
+
+    # ---- training direction ----
+    def __call__(self, x: mx.array, text: mx.array | None = None, guidance: float = 0.0, caches=None):
+        """x (B, T, H, W, C) -> (z in the same layout, logdet (B, S, C) in this block's token order, x_in).
+
+        ``x_in`` is the permuted input sequence: the prefix a context pass records for later sampling (§5.5).
+        """
+        B, T, H, W, C = x.shape
+        text = text if self.txt_dim else None
+        rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
+        x_in = self.permute(x.reshape(B, T * H * W, C).astype(mx.float32), T)
+        slots = mx.concatenate([self.sos(B), x_in[:, :-1]], axis=1)
+        a, b = self.affine(self.hidden(slots, text, rope, caches))
+        if guidance > 0:
+            a, b = guide(a, b, guidance)
+        z = self.permute((x_in - b) / a, T).reshape(B, T, H, W, C)
+        return z, -mx.log(a), x_in
+
+    # ---- sampling direction: one token at a time ----
+    def reverse(
+        self,
+        z: mx.array,
+        text: mx.array | None = None,
+        guidance: float = 0.0,
+        caches: list[KVCache] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> mx.array:
+        """Sequential inverse of z (B, T, H, W, C). With guidance, ``text`` has 2B rows [cond; uncond]."""
+        B, T, H, W, C = z.shape
+        S = T * H * W
+        caches = caches if caches is not None else self.make_caches()
+        text = text if self.txt_dim else None
+        rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
+        zs = self.permute(z.reshape(B, S, C).astype(mx.float32), T)
+        if guidance > 0:
+            zs = mx.concatenate([zs, zs])
+        if text is not None:
+            self.push_text(text, caches, rope)
+        slot, tokens = self.sos(zs.shape[0]), []
+        for t in range(S):
+            a, b = self.step(slot, caches, rope)
+            if guidance > 0:
+                a, b = guide(a, b, guidance)
+            slot = zs[:, t : t + 1] * a + b
+            mx.eval(slot)  # one token per step: keep the graph (and the cache updates) from piling up
+            tokens.append(slot)
+            if callback is not None:
+                callback(t + 1, S)
+        x = mx.concatenate(tokens, axis=1)[:B]
+        return self.permute(x, T).reshape(B, T, H, W, C)
+
+
+@dataclass
+class FlowOutput:
+    z: mx.array  # latent, in the input layout
+    logdets: list[mx.array]  # per block, -log a per element
+    outputs: list[mx.array]  # patchified input, then every block's output, (B, T, H, W, C)
+    prefixes: list[mx.array]  # every block's permuted input sequence (the context-pass prefix, §5.5)
+
+    def loss(self) -> mx.array:
+        """Per-sample mean NLL per dimension in nats without the Gaussian constant (the official ``get_loss``)."""
+        axes = lambda t: tuple(range(1, t.ndim))  # noqa: E731
+        loss = 0.5 * mx.mean(mx.square(self.z), axis=axes(self.z))
+        for logdet in self.logdets:
+            loss = loss - mx.mean(logdet, axis=axes(logdet))
+        return loss
+
+    def nll(self) -> mx.array:
+        """Exact per-sample negative log-likelihood of the (noisy) latent, nats per dimension."""
+        return self.loss() + GAUSSIAN_LOG_NORM
+
+    def bits_per_dim(self) -> mx.array:
+        return self.nll() / math.log(2.0)
+
+
+class StarFlow(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        n = config.num_blocks
+        self.blocks = [
+            MetaBlock(
+                config,
+                dims=config.top_channels if i == n - 1 else config.channels,
+                num_layers=config.layers_per_block[i],
+                txt_dim=config.txt_dim if (i == n - 1 or not config.cond_top_only) else 0,
+                permutation=config.block_permutation(i),
+            )
+            for i in range(n)
+        ]
+        if config.learnable_self_denoiser:
+            from .denoiser import Denoiser
+
+            self.denoiser = Denoiser(config)
+
+    # ---- layout ----
+    def patchify(self, x: mx.array) -> mx.array:
+        """(B, C, H, W) or (B, T, C, H, W) -> (B, T, H/p, W/p, p*p*C), channel fastest in each patch (§4.1)."""
+        if x.ndim == 4:
+            x = x[:, None]
+        if x.ndim != 5:
+            raise ValueError(f"expected an image (B, C, H, W) or a video (B, T, C, H, W), got shape {x.shape}")
+        B, T, C, H, W = x.shape
+        p = self.config.patch_size
+        if C != self.config.in_channels or H % p or W % p:
+            raise ValueError(
+                f"input shape {x.shape} does not fit the model: {self.config.in_channels} channels and H, W "
+                f"multiples of patch size {p} expected"
+            )
+        x = x.reshape(B, T, C, H // p, p, W // p, p).transpose(0, 1, 3, 5, 4, 6, 2)
+        return x.reshape(B, T, H // p, W // p, p * p * C)
+
+    def unpatchify(self, x: mx.array, video: bool) -> mx.array:
+        B, T, h, w, _ = x.shape
+        p, C = self.config.patch_size, self.config.in_channels
+        x = x.reshape(B, T, h, w, p, p, C).transpose(0, 1, 6, 2, 4, 3, 5).reshape(B, T, C, h * p, w * p)
+        return x if video else x[:, 0]
+
+    def _shallow_local(self, x: mx.array, video: bool) -> bool:
+        return self.config.shallow_block_local and video and x.shape[1] > 1
+
+    # ---- training direction ----
+    def __call__(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
+        """Forward pass: data (image or video latent) -> Gaussian latent, with the per-block log-determinants.
+
+        ``caches`` (one list of KVCache per block, deep block first as in the official code) are filled when given:
+        that is the context pass of image-to-video; the per-block permuted inputs are returned as ``prefixes``.
+        """
+        video = x.ndim == 5
+        h = self.patchify(x)
+        B, T = h.shape[:2]
+        outputs, logdets, prefixes = [h], [], []
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks[:-1]):
+            local = self._shallow_local(h, video)
+            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
+            cache = caches[n - 1 - i] if caches is not None else None
+            h, logdet, x_in = block(inp, None, 0.0, cache)
+            if local:
+                h = h.reshape(B, T, *h.shape[2:])
+                logdet = logdet.reshape(B, T, -1, logdet.shape[-1])
+            outputs.append(h)
+            logdets.append(logdet)
+            prefixes.append(x_in)
+        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[0] if caches is not None else None)
+        outputs.append(h)
+        logdets.append(logdet)
+        prefixes.append(x_in)
+        return FlowOutput(self.unpatchify(h, video), logdets, outputs, prefixes)
+
+    def nll(self, x: mx.array, text: mx.array) -> mx.array:
+        """Exact negative log-likelihood per sample in nats per dimension (divide by ln 2 for bits/dim)."""
+        return self(x, text).nll()
+
+    # ---- sampling direction ----
+    def guided_text(self, text: mx.array, text_null: mx.array | None, guidance: float) -> mx.array:
+        if guidance <= 0:
+            return text
+        if text_null is None:
+            raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
+        return mx.concatenate([text, mx.broadcast_to(text_null, text.shape)])
+
+    def reverse_deep(self, h: mx.array, text, guidance: float, caches=None, callback=None) -> mx.array:
+        block = self.blocks[-1]
+        return block.reverse(h, text, guidance, caches, callback)
+
+    def reverse_shallow(self, h: mx.array, video: bool, callback=None) -> mx.array:
+        B, T = h.shape[:2]
+        for block in reversed(self.blocks[:-1]):
+            local = self._shallow_local(h, video)
+            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
+            h = block.reverse(inp, callback=callback).reshape(h.shape)
+        return h
+
+    def reverse(
+        self,
+        z: mx.array,
+        text: mx.array,
+        guidance: float = 0.0,
+        text_null: mx.array | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> mx.array:
+        """Sample: invert the flow on Gaussian ``z`` (image or video latent layout), deep block first.
+
+        Guidance applies inside the deep block only; ``text_null`` is the unconditional embedding (1 or B rows).
+        """
+        video = z.ndim == 5
+        h = self.patchify(z.astype(mx.float32))
+        h = self.reverse_deep(h, self.guided_text(text, text_null, guidance), guidance, callback=callback)
+        h = self.reverse_shallow(h, video, callback)
+        return self.unpatchify(h, video)
+
+
+def load_flow(folder, dtype: mx.Dtype | None = None) -> StarFlow:
+    """A converted flow folder (``starflow-mlx convert flow``) -> StarFlow, optionally cast to ``dtype``."""
+    from .weights import cast_floating, load_weights_into, read_config, read_model_folder
+
+    raw = read_config(folder)
+    if raw.get("model_type") != "starflow":
+        raise ValueError(f"{folder}: model_type is {raw.get('model_type')!r}, not a STARFlow flow folder")
+    config = FlowConfig.from_dict(raw["flow"])
+    model = StarFlow(config)
+    weights = read_model_folder(folder)
+    if dtype is not None:
+        weights = cast_floating(weights, dtype)
+    load_weights_into(model, weights, raw, folder)
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,472 @@
+"""The Stable Diffusion image VAE (diffusers ``AutoencoderKL``, e.g. ``stabilityai/sd-vae-ft-ema``) in MLX.
+
+STARFlow (text-to-image) encodes images into its latent space with this VAE and decodes samples back (spec §7.1).
+The modules keep the diffusers parameter names (``encoder.down_blocks.0.resnets.1.conv2.weight`` ...), so the
+converter only has to transpose convolution kernels to MLX's ``[out, kH, kW, in]``.
+
+Layout: every public method takes and returns STARFlow's channels-first tensors by default, images
+``(B, 3, H, W)`` in [-1, 1] and latents ``(B, 4, H/8, W/8)``; ``(B, T, C, H, W)`` stacks of frames are folded into
+the batch, as the official wrapper does for image VAEs. Pass ``channels_last=True`` to use MLX's native
+``(B, H, W, C)`` instead and skip the transposes. Internally everything runs channels-last.
+
+- ``encode(x) -> (mean, logvar)``: the diagonal Gaussian posterior, logvar clamped to [-30, 20] as diffusers does.
+- ``sample(x, key=None, noise=None)``: ``(mean + exp(logvar / 2) * eps - shift) * scaling_factor``, the latent
+  STARFlow trains on (shift is 0 for SD VAEs).
+- ``decode(z)``: ``z / scaling_factor + shift`` through the decoder, an image in roughly [-1, 1] (not clamped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import CheckpointError, cast_floating, load_weights_into, read_config, read_model_folder
+
+MODEL_TYPE = "sd-vae"
+# diffusers hard-codes these for AutoencoderKL: every norm uses eps 1e-6, the posterior clamps logvar.
+NORM_EPS = 1e-6
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+@dataclass
+class SDVAEConfig:
+    """Architecture of an ``AutoencoderKL`` (diffusers field names); the defaults are ``sd-vae-ft-ema``."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one block")
+        for c in self.block_out_channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels}: every width must be a positive multiple of "
+                    f"norm_num_groups {self.norm_num_groups}"
+                )
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.scaling_factor:
+            raise ValueError("scaling_factor must be non-zero")
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction from image to latent: one stride-2 conv per block except the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SDVAEConfig":
+        """Read the architecture from a converted folder's config.json or a diffusers config.json.
+
+        Block types and the activation are checked rather than stored: this port only implements the
+        ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` / SiLU variant that every SD-family VAE uses.
+        """
+        act = d.get("act_fn", "silu")
+        if act != "silu":
+            raise ValueError(f"act_fn {act!r} is not supported (only 'silu')")
+        n = len(d.get("block_out_channels", cls().block_out_channels))
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = d.get(key)
+            if types is None:
+                continue
+            if len(types) != n or any(t != want for t in types):
+                raise ValueError(f"{key} {list(types)} is not supported: expected {n} x {want!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    # pytorch_compatible: groups are contiguous runs of channels, as in torch.nn.GroupNorm.
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, pytorch_compatible=True)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` without a time embedding: norm, SiLU, conv, twice, plus a (1x1) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class MidAttention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual (diffusers ``Attention`` in a VAE)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = _group_norm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        t = self.group_norm(x).reshape(b, 1, h * w, c)
+        q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
+        # One head of width C: the softmax scale is 1/sqrt(C).
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
+        return x + self.to_out[0](o).reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after zero padding of one row at the bottom and one column at the right only.
+
+    diffusers builds it with ``padding=0`` and pads ``(0, 1, 0, 1)`` itself; a symmetric padding of 1 would shift
+    the sampling grid by one pixel.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return self.conv(x)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, add_downsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
+        ]
+        self.downsamplers = [Downsample(out_channels)] if add_downsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for down in self.downsamplers:
+            x = down(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, add_upsample: bool):
+        super().__init__()
+        self.resnets = [
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
+        ]
+        self.upsamplers = [Upsample(out_channels)] if add_upsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the bottleneck width."""
+
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
+        self.attentions = [MidAttention(channels, groups)] if add_attention else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: SDVAEConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = [
+            DownBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block, g, add_downsample=i < len(widths) - 1)
+            for i, w in enumerate(widths)
+        ]
+        self.mid_block = MidBlock(widths[-1], g, cfg.mid_block_add_attention)
+        self.conv_norm_out = _group_norm(g, widths[-1])
+        # Mean and logvar side by side.
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: SDVAEConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels[::-1], cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], g, cfg.mid_block_add_attention)
+        # The decoder has one more resnet per block than the encoder (diffusers: layers_per_block + 1).
+        self.up_blocks = [
+            UpBlock(widths[max(i - 1, 0)], w, cfg.layers_per_block + 1, g, add_upsample=i < len(widths) - 1)
+            for i, w in enumerate(widths)
+        ]
+        self.conv_norm_out = _group_norm(g, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.conv_in(z)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap_in: int, overlap_out: int) -> mx.array:
+    """Blend weights along one axis of a tile: positive linear ramps over the overlaps with its neighbours."""
+    pos = mx.arange(length, dtype=mx.float32) + 0.5
+    w = mx.ones((length,), dtype=mx.float32)
+    if overlap_in:
+        w = mx.minimum(w, pos / overlap_in)
+    if overlap_out:
+        w = mx.minimum(w, (length - pos) / overlap_out)
+    return w
+
+
+def tiled_apply(
+    fn: Callable[[mx.array], mx.array], x: mx.array, tile: int, overlap: int, scale: int
+) -> mx.array:
+    """Run ``fn`` on overlapping spatial tiles of channels-last ``x`` and blend the outputs.
+
+    ``fn`` maps a ``(B, h, w, C)`` tile to ``(B, h*scale, w*scale, C')``. Overlapping outputs are averaged with
+    linear ramp weights normalised by their sum, so a purely local ``fn`` gives the untiled result exactly; the
+    VAE's GroupNorm statistics and mid attention are per tile, so a VAE decoded this way differs slightly from the
+    untiled decode (the price of bounded memory).
+    """
+    if tile < 1 or overlap < 0 or overlap >= tile:
+        raise ValueError(f"tiling needs tile >= 1 and 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
+    b, h, w, _ = x.shape
+    if h <= tile and w <= tile:
+        return fn(x)
+    stride = tile - overlap
+    ys, xs = _tile_starts(h, tile, stride), _tile_starts(w, tile, stride)
+    acc, total = None, mx.zeros((1, h * scale, w * scale, 1), dtype=mx.float32)
+    for i, y0 in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            th, tw = min(tile, h - y0), min(tile, w - x0)
+            part = fn(x[:, y0 : y0 + th, x0 : x0 + tw, :])
+            if acc is None:
+                acc = mx.zeros((b, h * scale, w * scale, part.shape[-1]), dtype=mx.float32)
+            # Overlaps with the neighbouring tiles along each axis, in input pixels.
+            oy_in = ys[i - 1] + tile - y0 if i > 0 else 0
+            oy_out = y0 + th - ys[i + 1] if i + 1 < len(ys) else 0
+            ox_in = xs[j - 1] + tile - x0 if j > 0 else 0
+            ox_out = x0 + tw - xs[j + 1] if j + 1 < len(xs) else 0
+            weight = (
+                _ramp(th * scale, oy_in * scale, oy_out * scale)[:, None, None]
+                * _ramp(tw * scale, ox_in * scale, ox_out * scale)[None, :, None]
+            )
+            region = (slice(None), slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
+            acc[region] = acc[region] + part.astype(mx.float32) * weight
+            total[region] = total[region] + weight
+            # Evaluate tile by tile so only one tile's activations are alive at a time.
+            mx.eval(acc, total)
+    return (acc / total).astype(part.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The autoencoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SDVAE(nn.Module):
+    """diffusers ``AutoencoderKL`` (SD family): ``encode`` / ``sample`` / ``decode``, see the module docstring."""
+
+    def __init__(self, config: SDVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    # -- layout helpers ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_nhwc(x: mx.array, channels: int, channels_last: bool, what: str) -> tuple[mx.array, tuple | None]:
+        """Fold (B, T, ...) into the batch and move channels last; return the frame shape to restore."""
+        if x.ndim not in (4, 5):
+            raise ValueError(f"{what} must be 4-D (B, C, H, W) or 5-D (B, T, C, H, W), got shape {list(x.shape)}")
+        frames = None
+        if x.ndim == 5:
+            frames = x.shape[:2]
+            x = x.reshape(-1, *x.shape[2:])
+        c_axis = 3 if channels_last else 1
+        if x.shape[c_axis] != channels:
+            layout = "(B, H, W, C)" if channels_last else "(B, C, H, W)"
+            raise ValueError(f"{what} must have {channels} channels in layout {layout}, got shape {list(x.shape)}")
+        if not channels_last:
+            x = x.transpose(0, 2, 3, 1)
+        return x, frames
+
+    @staticmethod
+    def _from_nhwc(x: mx.array, frames: tuple | None, channels_last: bool) -> mx.array:
+        if not channels_last:
+            x = x.transpose(0, 3, 1, 2)
+        if frames is not None:
+            x = x.reshape(*frames, *x.shape[1:])
+        return x
+
+    # -- channels-last core --------------------------------------------------------------------------------------
+
+    def encode_nhwc(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        d = self.config.downsample
+        if x.shape[1] % d or x.shape[2] % d:
+            raise ValueError(f"image height and width must be multiples of {d}, got {x.shape[1]}x{x.shape[2]}")
+        h = self.encoder(x)
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        mean, logvar = mx.split(h, 2, axis=-1)
+        return mean, mx.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+    def decode_nhwc(self, z: mx.array) -> mx.array:
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    # -- public API (STARFlow layout by default) -----------------------------------------------------------------
+
+    def encode(self, x: mx.array, *, channels_last: bool = False) -> tuple[mx.array, mx.array]:
+        """Posterior ``(mean, logvar)`` of images in [-1, 1], unscaled (diffusers' ``latent_dist``)."""
+        x, frames = self._to_nhwc(x, self.config.in_channels, channels_last, "images")
+        mean, logvar = self.encode_nhwc(x)
+        return self._from_nhwc(mean, frames, channels_last), self._from_nhwc(logvar, frames, channels_last)
+
+    def sample(
+        self,
+        x: mx.array,
+        key: mx.array | None = None,
+        noise: mx.array | None = None,
+        *,
+        channels_last: bool = False,
+    ) -> mx.array:
+        """A scaled latent ``(mean + std * eps - shift) * scaling_factor``.
+
+        ``eps`` is ``noise`` when given (same shape and layout as the latent; zeros give the posterior mean),
+        otherwise standard normal drawn with ``key`` (or MLX's global generator).
+        """
+        mean, logvar = self.encode(x, channels_last=channels_last)
+        if noise is None:
+            noise = mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
+        elif tuple(noise.shape) != tuple(mean.shape):
+            raise ValueError(f"noise has shape {list(noise.shape)}, the latent has {list(mean.shape)}")
+        z = mean + mx.exp(0.5 * logvar) * noise
+        if self.config.shift_factor is not None:
+            z = z - self.config.shift_factor
+        return z * self.config.scaling_factor
+
+    def decode(
+        self,
+        z: mx.array,
+        *,
+        channels_last: bool = False,
+        tile: int | None = None,
+        tile_overlap: int = 8,
+    ) -> mx.array:
+        """Images from scaled latents (undoes ``sample``'s scaling). Output is not clamped.
+
+        ``tile`` (in latent pixels, e.g. 64) decodes overlapping tiles one at a time to bound memory for large
+        images; the seams are blended over ``tile_overlap`` latent pixels. Results then differ slightly from the
+        untiled decode (per-tile GroupNorm statistics and attention).
+        """
+        z, frames = self._to_nhwc(z, self.config.latent_channels, channels_last, "latents")
+        z = z / self.config.scaling_factor
+        if self.config.shift_factor is not None:
+            z = z + self.config.shift_factor
+        if tile is None:
+            x = self.decode_nhwc(z)
+        else:
+            x = tiled_apply(self.decode_nhwc, z, tile, tile_overlap, self.config.downsample)
+        return self._from_nhwc(x, frames, channels_last)
+
+    def __call__(self, z: mx.array, **kwargs) -> mx.array:
+        return self.decode(z, **kwargs)
+
+
+def load_sd_vae(folder: str | os.PathLike, dtype: mx.Dtype | None = None) -> SDVAE:
+    """Load a folder written by ``starflow-mlx convert sd-vae`` (strict: every weight present with its shape).
+
+    ``dtype`` casts the weights (e.g. ``mx.float16``); ``None`` keeps the stored dtype. The SD VAE is normally run
+    in float32, as STARFlow does.
+    """
+    config = read_config(folder)
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{folder}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
+            "(convert the VAE with `starflow-mlx convert sd-vae`)"
+        )
+    model = SDVAE(SDVAEConfig.from_dict(config))
+    weights = read_model_folder(folder)
+    if dtype is not None:
+        weights = cast_floating(weights, dtype)
+    load_weights_into(model, weights, config, folder)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
