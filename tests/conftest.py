@@ -1,0 +1,105 @@
+"""Shared fixtures: the official fixture folder, and tiny official-format checkpoints made on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STARFLOW_SHARED", REPO.parent / "shared"))
+OFFICIAL_T2I_TINY = SHARED / "fixtures" / "official-t2i-tiny"
+
+# A tiny configuration shaped like the released T2V one (spec §3, "tiny video config used for verification").
+TINY_VIDEO_YAML = """arguments:
+- img_size: 4
+- channel_size: 6
+- patch_size: 1
+- channels: 64
+- top_block_channels: 96
+- blocks: 6
+- layers_per_block: 1 1 1 1 1 2
+- head_dim: 32
+- rope: 1
+- pt_seq_len: 4
+- sos: 1
+- txt_size: 5
+- seq_order: L2R
+- use_softplus: 1
+- cond_top_only: 1
+- use_final_norm: 1
+- soft_clip: 4
+- temporal_causal: 2
+- shallow_block_local: 1
+- learnable_self_denoiser: 1
+- conditional_denoiser: 1
+- denoiser_window: 10
+- noise_std: 0.5
+- cond_noise_level: 1
+- vid_size: '9:16'
+- vae: none
+- text: tiny-16
+- nvp: 1
+- adaln: 0
+"""
+
+
+def official_fixture():
+    if not OFFICIAL_T2I_TINY.is_dir():
+        pytest.skip(f"official fixtures not found at {OFFICIAL_T2I_TINY} (set STARFLOW_SHARED)")
+    return OFFICIAL_T2I_TINY
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Random non-trivial weights: the official init zeroes proj_out and the final norm, which would make every
+    block the identity and every parity test pass trivially."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]))
+                if "proj_out" in name:
+                    p.mul_(0.5)
+            elif name.endswith("norm.weight") and "final_norm" not in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def official_state_dict(model, config) -> dict:
+    """The reference's state_dict plus the deprecated buffers an official checkpoint carries."""
+    import torch
+
+    sd = dict(model.state_dict())
+    P2, L = config.pt_seq_len**2, config.txt_size
+    sd["var"] = torch.ones(P2, config.patch_channels)
+    for i in range(config.num_blocks):
+        sd[f"blocks.{i}.attn_mask"] = torch.tril(torch.ones(P2 + L, P2 + L))
+    sd["feat_rope.freqs_cos"] = torch.zeros(L + P2, config.head_dim)
+    sd["feat_rope.freqs_sin"] = sd["feat_rope.freqs_cos"]
+    return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory):
+    """(reference model, config, checkpoint path, yaml path, converted float32 folder) for the tiny T2V config."""
+    torch = pytest.importorskip("torch")
+    from convert.flow import convert_flow
+    from starflow_mlx.config import load_official_yaml
+    from tests.reference import StarFlow
+
+    root = tmp_path_factory.mktemp("tiny_video")
+    yaml_path = root / "config.yaml"
+    yaml_path.write_text(TINY_VIDEO_YAML)
+    config = load_official_yaml(yaml_path)
+    torch.manual_seed(0)
+    model = StarFlow(config).eval()
+    randomize_(model, seed=1)
+    ckpt = root / "model.pth"
+    torch.save(official_state_dict(model, config), ckpt)
+    folder = convert_flow(ckpt, yaml_path, root / "mlx")
+    return model, config, ckpt, yaml_path, folder

@@ -1,0 +1,95 @@
+"""Transformer layers (mirror of starflow_mlx/attention.py), official module names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+
+class KVCache:
+    """Un-rotated keys and values of one layer; ``rollback`` drops the newest entries, ``reset`` empties it."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys[:, :, : self.offset], keys], 2)
+            self.values = torch.cat([self.values[:, :, : self.offset], values], 2)
+        self.offset = self.keys.shape[2]
+        return self.keys, self.values
+
+    def rollback(self, n: int) -> None:
+        self.offset = max(0, self.offset - n)
+        self.keys, self.values = self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.offset = 0
+
+    def keep_batch(self, n: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:n], self.values[:n]
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dims: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = dims // head_dim, head_dim
+        self.scale = (head_dim**-0.25) ** 2
+        self.norm = torch.nn.LayerNorm(dims)
+        self.qkv = torch.nn.Linear(dims, 3 * dims)
+        self.proj = torch.nn.Linear(dims, dims)
+
+    def forward(self, x, cos, sin, mask="causal", cache=None):
+        B, L, _ = x.shape
+        q, k, v = (t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1))
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        lq, lk = q.shape[2], k.shape[2]
+        q = apply_rope(q, cos[lk - lq : lk], sin[lk - lq : lk]).to(x.dtype)
+        k = apply_rope(k, cos[:lk], sin[:lk]).to(x.dtype)
+        if isinstance(mask, str):  # causal, bottom-right aligned when there are fewer queries than keys
+            mask = None if lq == 1 else torch.ones(lq, lk, dtype=torch.bool, device=x.device).tril(lk - lq)
+        out = F.scaled_dot_product_attention(q, k, v.to(x.dtype), attn_mask=mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, lq, -1))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, dims: int, expansion: int = 4):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dims)
+        self.main = torch.nn.Sequential(
+            torch.nn.Linear(dims, expansion * dims), torch.nn.GELU(), torch.nn.Linear(expansion * dims, dims)
+        )
+
+    def forward(self, x):
+        return self.main(self.norm(x))
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, dims: int, head_dim: int):
+        super().__init__()
+        self.attention = Attention(dims, head_dim)
+        self.mlp = MLP(dims)
+
+    def forward(self, x, cos, sin, mask="causal", cache=None):
+        x = x + self.attention(x, cos, sin, mask, cache)
+        return x + self.mlp(x)
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(dims))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())
+        return out.to(x.dtype)
