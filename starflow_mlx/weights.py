@@ -268,7 +268,7 @@ def write_model_folder(
     weights: dict[str, mx.array],
     *,
     overwrite: bool = False,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically.
@@ -284,7 +284,7 @@ def write_model_folder(
     old = None
     try:
         tmp.mkdir()
-        shards = _shards(weights, shard_bytes)
+        shards = _shards(weights, shard_bytes or SHARD_BYTES)
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

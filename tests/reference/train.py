@@ -36,7 +36,7 @@ def train_step(model, optimizer, x, text, noise_std, latent_reg=0.0, grad_clip=1
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 def make_optimizer(model, lr=1e-4, weight_decay=1e-4):
