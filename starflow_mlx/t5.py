@@ -1,0 +1,277 @@
+"""T5 encoder (flan-T5-XL for STARFlow / STARFlow-V text conditioning, spec §6).
+
+STARFlow runs ``AutoModel("google/flan-t5-xl").encoder`` on the tokenized prompt and consumes
+``last_hidden_state * attention_mask``: the output of the final RMS norm with padded rows set exactly to zero. This
+module computes the same thing with MLX kernels, from a folder written by ``starflow-mlx convert t5``.
+
+T5 specifics that differ from most transformers (all taken from the Hugging Face T5 implementation):
+
+- attention scores are ``q @ k^T`` with **no** ``1/sqrt(d)`` scaling (the scale is folded into the init);
+- a learned relative position bias (bidirectional log buckets) is computed once, from layer 0's table, and added in
+  every layer; padded keys get the dtype's most negative finite value added to that bias;
+- norms are RMS norms without mean subtraction or bias, variance accumulated in float32;
+- the feed-forward block of flan-T5 is gated: ``wo(gelu_tanh(wi_0 x) * wi_1 x)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .weights import CheckpointError, load_weights_into, parse_dtype, read_config, read_model_folder
+
+MODEL_TYPE = "t5-encoder"
+
+# feed_forward_proj -> (gated, activation). Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new")
+# for backwards compatibility with the original T5 v1.1 / flan checkpoints, while a plain "gelu" is the exact one.
+_FEED_FORWARD = {
+    "relu": (False, "relu"),
+    "gated-relu": (True, "relu"),
+    "gelu": (False, "gelu"),
+    "gated-gelu": (True, "gelu_tanh"),
+    "gelu_new": (False, "gelu_tanh"),
+    "gated-gelu_new": (True, "gelu_tanh"),
+    "silu": (False, "silu"),
+    "gated-silu": (True, "silu"),
+}
+
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "gelu_tanh": nn.gelu_approx,
+    "silu": nn.silu,
+}
+
+
+@dataclass
+class T5Config:
+    """Architecture of a T5 encoder; defaults are google/flan-t5-xl."""
+
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    def __post_init__(self):
+        if self.feed_forward_proj not in _FEED_FORWARD:
+            raise ValueError(
+                f"unsupported T5 feed_forward_proj {self.feed_forward_proj!r}; "
+                f"expected one of {', '.join(_FEED_FORWARD)}"
+            )
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"T5 config field {name} must be positive, got {getattr(self, name)!r}")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
+            raise ValueError(
+                f"relative_attention_num_buckets must be an even number >= 4, got {self.relative_attention_num_buckets}"
+            )
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            raise ValueError(
+                f"relative_attention_max_distance ({self.relative_attention_max_distance}) must exceed "
+                f"relative_attention_num_buckets // 4 ({self.relative_attention_num_buckets // 4})"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        """Read the T5 fields of a config (ours or a Hugging Face ``config.json``); other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def gated(self) -> bool:
+        return _FEED_FORWARD[self.feed_forward_proj][0]
+
+    @property
+    def activation(self) -> str:
+        return _FEED_FORWARD[self.feed_forward_proj][1]
+
+
+@lru_cache(maxsize=16)
+def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 bucket of every (query, key) pair, as an int32 array [query_len, key_len].
+
+    Half the buckets are for keys after the query. Within a half, distances below ``num_buckets // 4`` get their own
+    bucket and larger ones share logarithmically sized buckets up to ``max_distance``, beyond which everything falls
+    into the last bucket. The logarithm is evaluated in float32 as in the PyTorch reference, so that distances on a
+    bucket boundary (16, 32, 64 for flan-T5) truncate the same way.
+    """
+    relative = np.arange(key_len, dtype=np.int64)[None, :] - np.arange(query_len, dtype=np.int64)[:, None]
+    half = num_buckets // 2
+    buckets = (relative > 0).astype(np.int64) * half
+    distance = np.abs(relative)
+    max_exact = half // 2
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
+        large = max_exact + (
+            log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(half - max_exact)
+        )
+    large = np.minimum(np.where(distance < max_exact, 0, large).astype(np.int64), half - 1)
+    buckets += np.where(distance < max_exact, distance, large)
+    buckets = buckets.astype(np.int32)
+    buckets.flags.writeable = False  # cached: shared between calls
+    return buckets
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean subtraction or bias (``mx.fast.rms_norm`` accumulates in float32)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        inner = config.num_heads * config.d_kv
+        self.num_heads = config.num_heads
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        # T5 has no 1/sqrt(d_kv) factor: scale=1. The additive ``bias`` carries position bias and padding mask.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias.astype(q.dtype))
+        return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class T5FeedForward(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.gated = config.gated
+        self.act = _ACTIVATIONS[config.activation]
+        if self.gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.gated:
+            h = self.act(self.wi_0(x)) * self.wi_1(x)
+        else:
+            h = self.act(self.wi(x))
+        return self.wo(h)
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.attention_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.attention = T5Attention(config)
+        self.ffn_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.ffn = T5FeedForward(config)
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        x = _clamp_half(x + self.attention(self.attention_norm(x), bias))
+        return _clamp_half(x + self.ffn(self.ffn_norm(x)))
+
+
+def _clamp_half(x: mx.array) -> mx.array:
+    # The reference clamps float16 activations just below the largest finite value so that an overflow in one
+    # layer does not turn into inf/NaN; other dtypes are left alone.
+    if x.dtype == mx.float16:
+        limit = float(np.finfo(np.float16).max) - 1000.0
+        return mx.clip(x, -limit, limit)
+    return x
+
+
+class T5Encoder(nn.Module):
+    """T5 encoder stack: embedding, ``num_layers`` pre-norm blocks sharing one relative position bias, final norm."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # Only layer 0 of the reference owns a relative bias table; every layer reuses its output.
+        self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.layers = [T5Block(config) for _ in range(config.num_layers)]
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def position_bias(self, length: int) -> mx.array:
+        """Relative position bias [1, heads, length, length] in the bias table's dtype."""
+        c = self.config
+        buckets = relative_position_buckets(
+            length, length, c.relative_attention_num_buckets, c.relative_attention_max_distance
+        )
+        bias = self.relative_attention_bias(mx.array(buckets))  # [L, L, H]
+        return bias.transpose(2, 0, 1)[None]
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        """``last_hidden_state`` [B, L, d_model] (padded rows are not zeroed here; see ``encode``)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+        B, L = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        bias = self.position_bias(L)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(
+                    f"attention_mask shape {list(attention_mask.shape)} does not match input_ids shape {[B, L]}"
+                )
+            # The most negative finite value rather than -inf, as in the reference: a fully padded row then stays
+            # finite (uniform attention) instead of becoming NaN.
+            neg = float(mx.finfo(bias.dtype).min)
+            keys_out = (attention_mask[:, None, None, :] == 0).astype(bias.dtype) * neg
+            bias = bias + keys_out
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.final_layer_norm(x)
+
+    def encode(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+        """What STARFlow consumes: ``last_hidden_state * attention_mask[..., None]`` (padded rows exactly 0)."""
+        hidden = self(input_ids, attention_mask)
+        return hidden * attention_mask[..., None].astype(hidden.dtype)
+
+
+def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.array:
+    """Tokenize already-templated prompts (see ``starflow_mlx.prompts``) and encode them: [B, max_length, d_model],
+    padded rows zero, i.e. the official ``encode_text`` for a T5 encoder."""
+    input_ids, attention_mask = tokenizer(texts, max_length)
+    return model.encode(input_ids, attention_mask)
+
+
+def load_t5(folder: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> T5Encoder:
+    """Load a folder written by ``starflow-mlx convert t5``; ``dtype`` casts its floating weights (e.g. "float32")."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{folder}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
+            "(convert a Hugging Face T5 folder with `starflow-mlx convert t5`)"
+        )
+    model = T5Encoder(T5Config.from_dict(config))
+    weights = read_model_folder(folder)
+    if dtype is not None:
+        target = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    load_weights_into(model, weights, config, folder)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
