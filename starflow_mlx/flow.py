@@ -20,9 +20,12 @@ import mlx.nn as nn
 from .attention import KVCache, RMSNorm, TransformerLayer
 from .config import GAUSSIAN_LOG_NORM, FlowConfig
 from .rope import rope_table
+from .sampling import SEQUENTIAL, BlockStats, Jacobi, SamplerStats
 
 # softplus(s + ln(e - 1)) = 1 at s = 0: an untrained block is the identity (spec §4.3, pitfall §8.5)
 INV_SOFTPLUS_1 = 0.541324854612918
+# x - pred * 0.3 * (sigma_cur - sigma_next) / sigma_cur with sigma_next = 0 (official apply_denoising)
+DENOISER_STEP = 0.3
 
 
 def guide(a: mx.array, b: mx.array, weight: float) -> tuple[mx.array, mx.array]:
@@ -138,38 +141,89 @@ class MetaBlock(nn.Module):
         z = self.permute((x_in - b) / a, T).reshape(B, T, H, W, C)
         return z, -mx.log(a), x_in
 
-    # ---- sampling direction: one token at a time ----
-    def reverse(
+    # ---- sampling direction ----
+    def invert(
         self,
         z: mx.array,
         text: mx.array | None = None,
         guidance: float = 0.0,
         caches: list[KVCache] | None = None,
+        jacobi: Jacobi = SEQUENTIAL,
+        window: int | None = None,
+        context: int = 16,
+        prefix: mx.array | None = None,
+        stats: BlockStats | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> mx.array:
-        """Sequential inverse of z (B, T, H, W, C). With guidance, ``text`` has 2B rows [cond; uncond]."""
+        """Invert this block on z (B, T, H, W, C): sequentially (one token a pass) or by block-wise Jacobi.
+
+        ``text`` has 2B rows [cond; uncond] when ``guidance`` > 0. ``window`` (latent frames) turns on the
+        sliding window of long videos: when a window is solved, the caches restart from the text and the last
+        ``context`` solved frames. ``prefix`` (permuted tokens of the first frames, already in ``caches`` with the
+        text, from a context pass) is kept and solving starts after it. ``callback(done, total)`` runs after each
+        chunk; it may raise ``Cancelled``.
+        """
         B, T, H, W, C = z.shape
-        S = T * H * W
+        S, F = T * H * W, H * W
         caches = caches if caches is not None else self.make_caches()
+        stats = stats if stats is not None else BlockStats()
         text = text if self.txt_dim else None
         rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
         zs = self.permute(z.reshape(B, S, C).astype(mx.float32), T)
         if guidance > 0:
             zs = mx.concatenate([zs, zs])
+        N = zs.shape[0]
+        # slot k holds token k-1 (slot 0 the SOS); unsolved tokens start as the noise itself (official init)
+        x = mx.concatenate([self.sos(N), zs], axis=1)
+        start = 0
+        if prefix is not None:
+            start = prefix.shape[1]
+            x[:, 1 : 1 + start] = mx.broadcast_to(prefix.astype(mx.float32), (N, start, C))
+        elif text is not None:
+            self.push_text(text, caches, rope)
+        span = S if window is None else min(S, window * F)
+        target = span
+        while True:
+            while start < target:
+                size = min(jacobi.block_size * (1 if start <= F else jacobi.growth), target - start)
+                for i in range(jacobi.max_iter):
+                    lo = start - F if (jacobi.previous_frame_init and i == 0 and start > F) else start
+                    a, b = self.step(x[:, lo : lo + size], caches, rope)
+                    if guidance > 0:
+                        a, b = guide(a, b, guidance)
+                    new = b + a * zs[:, start : start + size]
+                    last = i == jacobi.max_iter - 1
+                    if not last:  # relative change over the whole (guided) batch, §8.7
+                        diff = mx.mean(mx.square(new - x[:, start + 1 : start + 1 + size])) / mx.mean(mx.square(new))
+                    x[:, start + 1 : start + 1 + size] = new
+                    stats.passes += 1
+                    stats.tokens += size
+                    if last or diff.item() < jacobi.threshold:
+                        break
+                    for cache in caches:  # discard this iteration's keys: the next one re-feeds the chunk
+                        cache.rollback(size)
+                mx.eval(x, *[c.state for c in caches])
+                stats.iterations.append(i + 1)
+                start += size
+                if callback is not None:
+                    callback(start, S)
+            if target >= S:
+                break
+            target = min(S, target + span - context * F)
+            self.reencode(x[:, start + 1 - context * F : start + 1], text, caches, rope)
+            stats.reencodes += 1
+            stats.reencoded_tokens += context * F
+        out = x[:B, 1:]
+        return self.permute(out, T).reshape(B, T, H, W, C)
+
+    def reencode(self, tokens: mx.array, text, caches: list[KVCache], rope) -> None:
+        """Restart the caches from the text and ``tokens`` (SOS-shifted), positions counted from 0 again (§5.4)."""
+        for cache in caches:
+            cache.reset()
         if text is not None:
             self.push_text(text, caches, rope)
-        slot, tokens = self.sos(zs.shape[0]), []
-        for t in range(S):
-            a, b = self.step(slot, caches, rope)
-            if guidance > 0:
-                a, b = guide(a, b, guidance)
-            slot = zs[:, t : t + 1] * a + b
-            mx.eval(slot)  # one token per step: keep the graph (and the cache updates) from piling up
-            tokens.append(slot)
-            if callback is not None:
-                callback(t + 1, S)
-        x = mx.concatenate(tokens, axis=1)[:B]
-        return self.permute(x, T).reshape(B, T, H, W, C)
+        slots = mx.concatenate([self.sos(tokens.shape[0]), tokens[:, :-1]], axis=1)
+        self.hidden(slots, None, rope, caches)
 
 
 @dataclass
@@ -245,26 +299,24 @@ class StarFlow(nn.Module):
     def __call__(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
         """Forward pass: data (image or video latent) -> Gaussian latent, with the per-block log-determinants.
 
-        ``caches`` (one list of KVCache per block, deep block first as in the official code) are filled when given:
-        that is the context pass of image-to-video; the per-block permuted inputs are returned as ``prefixes``.
+        ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the context pass
+        of image-to-video (``context``); the per-block permuted inputs are returned as ``prefixes``.
         """
         video = x.ndim == 5
         h = self.patchify(x)
         B, T = h.shape[:2]
         outputs, logdets, prefixes = [h], [], []
-        n = len(self.blocks)
         for i, block in enumerate(self.blocks[:-1]):
             local = self._shallow_local(h, video)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            cache = caches[n - 1 - i] if caches is not None else None
-            h, logdet, x_in = block(inp, None, 0.0, cache)
+            h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None)
             if local:
                 h = h.reshape(B, T, *h.shape[2:])
                 logdet = logdet.reshape(B, T, -1, logdet.shape[-1])
             outputs.append(h)
             logdets.append(logdet)
             prefixes.append(x_in)
-        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[0] if caches is not None else None)
+        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[-1] if caches is not None else None)
         outputs.append(h)
         logdets.append(logdet)
         prefixes.append(x_in)
@@ -282,35 +334,110 @@ class StarFlow(nn.Module):
             raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
         return mx.concatenate([text, mx.broadcast_to(text_null, text.shape)])
 
-    def reverse_deep(self, h: mx.array, text, guidance: float, caches=None, callback=None) -> mx.array:
-        block = self.blocks[-1]
-        return block.reverse(h, text, guidance, caches, callback)
-
-    def reverse_shallow(self, h: mx.array, video: bool, callback=None) -> mx.array:
-        B, T = h.shape[:2]
-        for block in reversed(self.blocks[:-1]):
-            local = self._shallow_local(h, video)
-            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            h = block.reverse(inp, callback=callback).reshape(h.shape)
-        return h
-
     def reverse(
         self,
         z: mx.array,
         text: mx.array,
         guidance: float = 0.0,
         text_null: mx.array | None = None,
-        callback: Callable[[int, int], None] | None = None,
+        jacobi: Jacobi = SEQUENTIAL,
+        window: int | None = None,
+        context: int = 16,
+        prefix: "Prefix | None" = None,
+        stats: SamplerStats | None = None,
+        callback: Callable[[int, int, int], None] | None = None,
     ) -> mx.array:
         """Sample: invert the flow on Gaussian ``z`` (image or video latent layout), deep block first.
 
         Guidance applies inside the deep block only; ``text_null`` is the unconditional embedding (1 or B rows).
+        ``jacobi`` selects the solver (``SEQUENTIAL`` or ``Jacobi(...)``); ``window``/``context`` (latent frames)
+        the deep block's sliding window for long videos; ``prefix`` (from ``context``) conditions on given first
+        frames. ``callback(block, done_tokens, total_tokens)`` runs after every chunk and may raise ``Cancelled``.
         """
         video = z.ndim == 5
+        stats = stats if stats is not None else SamplerStats()
+        n = len(self.blocks)
         h = self.patchify(z.astype(mx.float32))
-        h = self.reverse_deep(h, self.guided_text(text, text_null, guidance), guidance, callback=callback)
-        h = self.reverse_shallow(h, video, callback)
+        report = (lambda i: (lambda done, total: callback(i, done, total))) if callback else (lambda i: None)
+        h = self.blocks[-1].invert(
+            h, self.guided_text(text, text_null, guidance), guidance,
+            caches=prefix.caches[-1] if prefix else None, jacobi=jacobi, window=window, context=context,
+            prefix=prefix.tokens[-1] if prefix else None, stats=stats.block(n - 1), callback=report(n - 1),
+        )
+        B, T = h.shape[:2]
+        for i in reversed(range(n - 1)):
+            block = self.blocks[i]
+            local = self._shallow_local(h, video)
+            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
+            # shallow-local blocks start afresh per frame; others continue from their context-pass prefix
+            keep = prefix is not None and not local
+            h = block.invert(
+                inp, caches=prefix.caches[i] if keep else None, jacobi=jacobi,
+                prefix=prefix.tokens[i] if keep else None, stats=stats.block(i), callback=report(i),
+            ).reshape(h.shape)
         return self.unpatchify(h, video)
+
+    def context(
+        self, x: mx.array, text: mx.array, guidance: float = 0.0, text_null: mx.array | None = None
+    ) -> "Prefix":
+        """Context pass of image-to-video / video continuation (§5.5): run the forward on the given (noised) first
+        latent frame(s) ``x`` with fresh caches, which then hold the text and the prefix for ``reverse(prefix=)``.
+        The deep block keeps both guidance halves; the shallow blocks keep the conditional half only."""
+        text = self.guided_text(text, text_null, guidance)
+        if guidance > 0:
+            x = mx.concatenate([x, x])
+        caches = [block.make_caches() for block in self.blocks]
+        out = self(x, text, 0.0, caches)
+        tokens = list(out.prefixes)
+        if guidance > 0:
+            half = x.shape[0] // 2
+            for i in range(len(self.blocks) - 1):
+                for cache in caches[i]:
+                    cache.keep_batch(cache.keys.shape[0] // 2)
+                tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
+        mx.eval(tokens, [c.state for block_caches in caches for c in block_caches])
+        return Prefix(caches, tokens, x.shape[1] if x.ndim == 5 else 1)
+
+    # ---- denoising after sampling (§5.7) ----
+    def denoise(self, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
+        """One Tweedie step removing the training noise: the learnable denoiser (x - 0.3 * pred), chunked over
+        time like the official sampler, or, without one, the gradient step x - sigma^2 * grad NLL."""
+        if not hasattr(self, "denoiser"):
+            return self.gradient_denoise(x, text)
+        if x.ndim == 4:
+            return x - DENOISER_STEP * self.unpatchify(self.denoiser(self.patchify(x), text, False), False)
+        x = mx.array(x)  # a copy: slice assignment below must not touch the caller's array
+        T = x.shape[1]
+        steps = window or T
+        start, overlap = 0, 0
+        while True:
+            chunk = x[:, start : start + steps]
+            pred = self.unpatchify(self.denoiser(self.patchify(chunk), text, True), True)
+            x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
+            mx.eval(x)
+            if start + steps >= T:  # later official passes write nothing (and never end if overlap >= steps)
+                break
+            overlap = self.config.denoiser_window if self.config.denoiser_window is not None else steps - 1
+            if overlap >= steps:
+                raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
+            start += steps - overlap
+        return x
+
+    def gradient_denoise(self, x: mx.array, text: mx.array, sigma: float | None = None) -> mx.array:
+        """x - sigma^2 * d NLL_total / dx per sample (the official T2I self-denoising step, lr 1)."""
+        sigma = self.config.noise_std if sigma is None else sigma
+        dims = x.size // x.shape[0]
+        grad = mx.grad(lambda v: self(v, text).loss().sum() * dims)(x.astype(mx.float32))
+        return x - sigma**2 * grad
+
+
+@dataclass
+class Prefix:
+    """Caches and permuted input tokens of every block after a context pass (by block index)."""
+
+    caches: list[list[KVCache]]
+    tokens: list[mx.array]
+    frames: int
 
 
 def load_flow(folder, dtype: mx.Dtype | None = None) -> StarFlow:

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from starflow_mlx.config import GAUSSIAN_LOG_NORM, FlowConfig
+from starflow_mlx.sampling import SEQUENTIAL, BlockStats, SamplerStats
 
 from .attention import RMSNorm, TransformerLayer, KVCache
 from .rope import rope_table
 
 INV_SOFTPLUS_1 = 0.541324854612918
+DENOISER_STEP = 0.3
 DENOISER_LAYERS = 8
 DEPRECATED = re.compile(r"^(var|blocks\.\d+\.attn_mask|feat_rope\.freqs_(cos|sin))$")
 
@@ -108,26 +110,60 @@ class MetaBlock(torch.nn.Module):
         return z, -a.log(), x_in
 
     @torch.no_grad()
-    def reverse(self, z, text=None, guidance=0.0, caches=None):
+    def invert(self, z, text=None, guidance=0.0, caches=None, jacobi=SEQUENTIAL, window=None, context=16,
+               prefix=None, stats=None):
         B, T, H, W, C = z.shape
-        S = T * H * W
+        S, F = T * H * W, H * W
         caches = caches if caches is not None else self.make_caches()
+        stats = stats if stats is not None else BlockStats()
         text = text if self.txt_dim else None
         rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
         zs = self.permute(z.reshape(B, S, C).float(), T)
         if guidance > 0:
             zs = torch.cat([zs, zs])
+        N = zs.shape[0]
+        x = torch.cat([self.sos(N), zs], 1)
+        start = 0
+        if prefix is not None:
+            start = prefix.shape[1]
+            x[:, 1 : 1 + start] = prefix.float().expand(N, start, C)
+        elif text is not None:
+            self.push_text(text, caches, rope)
+        span = S if window is None else min(S, window * F)
+        target = span
+        while True:
+            while start < target:
+                size = min(jacobi.block_size * (1 if start <= F else jacobi.growth), target - start)
+                for i in range(jacobi.max_iter):
+                    lo = start - F if (jacobi.previous_frame_init and i == 0 and start > F) else start
+                    a, b = self.step(x[:, lo : lo + size], caches, rope)
+                    if guidance > 0:
+                        a, b = guide(a, b, guidance)
+                    new = b + a * zs[:, start : start + size]
+                    diff = (new - x[:, start + 1 : start + 1 + size]).square().mean() / new.square().mean()
+                    x[:, start + 1 : start + 1 + size] = new
+                    stats.passes += 1
+                    stats.tokens += size
+                    if i == jacobi.max_iter - 1 or diff.item() < jacobi.threshold:
+                        break
+                    for cache in caches:
+                        cache.rollback(size)
+                stats.iterations.append(i + 1)
+                start += size
+            if target >= S:
+                break
+            target = min(S, target + span - context * F)
+            self.reencode(x[:, start + 1 - context * F : start + 1], text, caches, rope)
+            stats.reencodes += 1
+            stats.reencoded_tokens += context * F
+        return self.permute(x[:B, 1:], T).reshape(B, T, H, W, C)
+
+    def reencode(self, tokens, text, caches, rope):
+        for cache in caches:
+            cache.reset()
         if text is not None:
             self.push_text(text, caches, rope)
-        slot, tokens = self.sos(zs.shape[0]), []
-        for t in range(S):
-            a, b = self.step(slot, caches, rope)
-            if guidance > 0:
-                a, b = guide(a, b, guidance)
-            slot = zs[:, t : t + 1] * a + b
-            tokens.append(slot)
-        x = torch.cat(tokens, 1)[:B]
-        return self.permute(x, T).reshape(B, T, H, W, C)
+        self.hidden(torch.cat([self.sos(tokens.shape[0]), tokens[:, :-1]], 1), None, rope, caches)
 
 
 def window_mask(txt_len, frames, frame_size, block_causal, window, device=None):
@@ -234,18 +270,17 @@ class StarFlow(torch.nn.Module):
         h = self.patchify(x)
         B, T = h.shape[:2]
         outputs, logdets, prefixes = [h], [], []
-        n = len(self.blocks)
         for i, block in enumerate(self.blocks[:-1]):
             local = self._shallow_local(h, video)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            h, logdet, x_in = block(inp, None, 0.0, caches[n - 1 - i] if caches is not None else None)
+            h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None)
             if local:
                 h = h.reshape(B, T, *h.shape[2:])
                 logdet = logdet.reshape(B, T, -1, logdet.shape[-1])
             outputs.append(h)
             logdets.append(logdet)
             prefixes.append(x_in)
-        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[0] if caches is not None else None)
+        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[-1] if caches is not None else None)
         outputs.append(h)
         logdets.append(logdet)
         prefixes.append(x_in)
@@ -257,16 +292,78 @@ class StarFlow(torch.nn.Module):
         return torch.cat([text, text_null.expand_as(text)])
 
     @torch.no_grad()
-    def reverse(self, z, text, guidance=0.0, text_null=None):
+    def reverse(self, z, text, guidance=0.0, text_null=None, jacobi=SEQUENTIAL, window=None, context=16,
+                prefix=None, stats=None):
         video = z.dim() == 5
+        stats = stats if stats is not None else SamplerStats()
+        n = len(self.blocks)
         h = self.patchify(z.float())
-        h = self.blocks[-1].reverse(h, self.guided_text(text, text_null, guidance), guidance)
+        h = self.blocks[-1].invert(
+            h, self.guided_text(text, text_null, guidance), guidance,
+            caches=prefix.caches[-1] if prefix else None, jacobi=jacobi, window=window, context=context,
+            prefix=prefix.tokens[-1] if prefix else None, stats=stats.block(n - 1))
         B, T = h.shape[:2]
-        for block in reversed(self.blocks[:-1]):
+        for i in reversed(range(n - 1)):
             local = self._shallow_local(h, video)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            h = block.reverse(inp).reshape(h.shape)
+            keep = prefix is not None and not local
+            h = self.blocks[i].invert(
+                inp, caches=prefix.caches[i] if keep else None, jacobi=jacobi,
+                prefix=prefix.tokens[i] if keep else None, stats=stats.block(i)).reshape(h.shape)
         return self.unpatchify(h, video)
+
+    @torch.no_grad()
+    def context(self, x, text, guidance=0.0, text_null=None):
+        text = self.guided_text(text, text_null, guidance)
+        if guidance > 0:
+            x = torch.cat([x, x])
+        caches = [block.make_caches() for block in self.blocks]
+        out = self(x, text, 0.0, caches)
+        tokens = list(out.prefixes)
+        if guidance > 0:
+            for i in range(len(self.blocks) - 1):
+                for cache in caches[i]:
+                    cache.keep_batch(cache.keys.shape[0] // 2)
+                tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
+        return Prefix(caches, tokens, x.shape[1] if x.dim() == 5 else 1)
+
+    @torch.no_grad()
+    def denoise(self, x, text, window=None):
+        if not hasattr(self, "learnable_self_denoiser"):
+            return self.gradient_denoise(x, text)
+        net = self.learnable_self_denoiser
+        if x.dim() == 4:
+            return x - DENOISER_STEP * self.unpatchify(net(self.patchify(x), text, False), False)
+        x = x.clone()
+        T = x.shape[1]
+        steps = window or T
+        start, overlap = 0, 0
+        while True:
+            chunk = x[:, start : start + steps].clone()
+            pred = self.unpatchify(net(self.patchify(chunk), text, True), True)
+            x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
+            if start + steps >= T:  # later official passes write nothing (and never end if overlap >= steps)
+                break
+            overlap = self.config.denoiser_window if self.config.denoiser_window is not None else steps - 1
+            if overlap >= steps:
+                raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
+            start += steps - overlap
+        return x
+
+    def gradient_denoise(self, x, text, sigma=None):
+        sigma = self.config.noise_std if sigma is None else sigma
+        with torch.enable_grad():
+            v = x.detach().float().requires_grad_(True)
+            loss = self(v, text).loss().sum() * (v.numel() // v.shape[0])
+            (grad,) = torch.autograd.grad(loss, [v])
+        return (x - sigma**2 * grad).detach()
+
+
+@dataclass
+class Prefix:
+    caches: list
+    tokens: list
+    frames: int
 
 
 def official_to_reference_name(key: str) -> str:
