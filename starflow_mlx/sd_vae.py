@@ -100,9 +100,38 @@ class SDVAEConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
-    # pytorch_compatible: groups are contiguous runs of channels, as in torch.nn.GroupNorm.
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS, pytorch_compatible=True)
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm semantics (groups are contiguous runs of channels) for channels-last input.
+
+    Written out instead of ``nn.GroupNorm(pytorch_compatible=True)``, which transposes the activations twice around
+    ``mx.fast.layer_norm``. Reducing in place and folding the affine into one scale and shift is 1.7-3x faster on
+    the CPU at the decoder's 256x256 activations, and more accurate: on a 256-channel 256x256 activation (groups of
+    half a million values) the layer_norm route was off by 5e-4 from a float64 reference, this by 3e-5, which took
+    the full-size decoder's parity with diffusers from 2e-4 to 2e-5. Statistics are taken in float32 (two-pass
+    variance) whatever the activation dtype.
+    """
+
+    def __init__(self, num_groups: int, dims: int, eps: float = NORM_EPS):
+        super().__init__()
+        if dims % num_groups:
+            raise ValueError(f"GroupNorm: {dims} channels do not split into {num_groups} groups")
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape, dtype = x.shape, x.dtype
+        g = self.num_groups
+        xg = x.reshape(shape[0], -1, g, shape[-1] // g).astype(mx.float32)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = mx.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        scale = mx.rsqrt(var + self.eps) * self.weight.astype(mx.float32).reshape(g, -1)
+        shift = self.bias.astype(mx.float32).reshape(g, -1) - mean * scale
+        return (xg * scale + shift).astype(dtype).reshape(shape)
+
+
+def _group_norm(groups: int, channels: int) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=NORM_EPS)
 
 
 class ResnetBlock(nn.Module):

@@ -1,0 +1,217 @@
+"""Convert a diffusers ``AutoencoderKL`` (SD VAE, e.g. ``stabilityai/sd-vae-ft-ema``) into an MLX model folder.
+
+Accepted sources:
+
+- a diffusers folder: ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (or ``.bin``, or a single other
+  ``*.safetensors`` / ``*.bin``); a pipeline folder with a ``vae/`` subfolder works too;
+- a bare ``.safetensors`` / ``.bin`` file: the architecture then comes from ``config=`` (a diffusers config.json)
+  when given, otherwise it is read off the tensor shapes (norm groups and scaling factor keep the SD defaults).
+
+Key names: the current diffusers attention names (``to_q/to_k/to_v/to_out.0``) and the older ones
+(``query/key/value/proj_attn``, which diffusers still renames at load time) are both accepted; old-style attention
+weights stored as 1x1 convolutions ``[C, C, 1, 1]`` are squeezed to ``[C, C]``. The ``encoder.0/encoder.1/
+decoder.0/decoder.1`` prefixes of STARFlow's fine-tuned VAE checkpoints (an ``nn.Sequential`` of encoder and
+quant_conv, post_quant_conv and decoder) are mapped back to the diffusers names. Everything else must match exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from starflow_mlx.sd_vae import MODEL_TYPE, SDVAE, SDVAEConfig
+from starflow_mlx.weights import (
+    CheckpointError,
+    cast_floating,
+    check_state_dict,
+    parse_dtype,
+    read_state_dict,
+    sha256_file,
+    write_model_folder,
+)
+
+CONVERTER_VERSION = 1
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+)
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_ATTENTION_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+# STARFlow fine-tuned VAE layout: Sequential(encoder, quant_conv) and Sequential(post_quant_conv, decoder).
+_SEQUENTIAL_PREFIXES = {
+    "encoder.0.": "encoder.",
+    "encoder.1.": "quant_conv.",
+    "decoder.0.": "post_quant_conv.",
+    "decoder.1.": "decoder.",
+}
+
+log = logging.getLogger("starflow_mlx")
+
+
+def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, dict | None]:
+    """The weights file and the diffusers config (None when it must be inferred from the shapes)."""
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder")
+    if src.is_dir():
+        folder = src / "vae" if (src / "vae" / "config.json").is_file() and not (src / "config.json").is_file() else src
+        weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+        if weights is None:
+            found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+            if len(found) != 1:
+                raise CheckpointError(
+                    f"{folder}: expected diffusion_pytorch_model.safetensors (or .bin) or exactly one "
+                    f"*.safetensors / *.bin file, found {[p.name for p in found]}"
+                )
+            weights = found[0]
+        if config is None:
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"{folder}: no config.json (pass a bare weights file to infer the architecture)")
+            config = folder / "config.json"
+    else:
+        weights = src
+    if config is None or isinstance(config, dict):
+        return weights, config
+    try:
+        return weights, json.loads(Path(config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config}: cannot read the VAE config: {e}") from None
+
+
+def _normalise_names(state: dict[str, mx.array], source: Path) -> dict[str, mx.array]:
+    """Map the accepted key spellings onto the diffusers names; squeeze 1x1-conv attention weights."""
+    if any(k.startswith(tuple(_SEQUENTIAL_PREFIXES)) for k in state):
+        renamed = {}
+        for key, value in state.items():
+            for old, new in _SEQUENTIAL_PREFIXES.items():
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+            renamed[key] = value
+        state = renamed
+    out = {}
+    for key, value in state.items():
+        m = _OLD_ATTENTION_RE.match(key)
+        if m:
+            key = f"{m.group(1)}.{_OLD_ATTENTION[m.group(2)]}.{m.group(3)}"
+        if ".attentions." in key and key.endswith(".weight") and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value.reshape(value.shape[:2])
+        if key in out:
+            raise CheckpointError(f"{source}: key {key!r} appears under both the old and the new attention names")
+        out[key] = value
+    return out
+
+
+def _infer_config(state: dict[str, mx.array], source: Path) -> dict:
+    """Architecture of a bare weights file, read off its shapes (torch layout)."""
+
+    def shape(key):
+        if key not in state:
+            raise CheckpointError(f"{source}: cannot infer the VAE architecture: missing key {key!r}")
+        return state[key].shape
+
+    widths = []
+    while f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight" in state:
+        widths.append(int(state[f"encoder.down_blocks.{len(widths)}.resnets.0.conv1.weight"].shape[0]))
+    if not widths:
+        raise CheckpointError(f"{source}: cannot infer the VAE architecture: no encoder.down_blocks.0 weights")
+    layers = 0
+    while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
+        layers += 1
+    cfg = {
+        "in_channels": int(shape("encoder.conv_in.weight")[1]),
+        "out_channels": int(shape("decoder.conv_out.weight")[0]),
+        "latent_channels": int(shape("decoder.conv_in.weight")[1]),
+        "block_out_channels": widths,
+        "layers_per_block": layers,
+        "use_quant_conv": "quant_conv.weight" in state,
+        "use_post_quant_conv": "post_quant_conv.weight" in state,
+        "mid_block_add_attention": any(".mid_block.attentions." in k for k in state),
+    }
+    log.info("inferred the VAE architecture from the weights (norm_num_groups 32, scaling_factor 0.18215): %s", cfg)
+    return cfg
+
+
+def _torch_shape(mlx_shape: tuple) -> tuple:
+    """PyTorch layout of a parameter whose MLX shape is given: conv kernels are [O, kH, kW, I] in MLX."""
+    if len(mlx_shape) == 4:
+        o, kh, kw, i = mlx_shape
+        return (o, i, kh, kw)
+    return tuple(mlx_shape)
+
+
+def convert_sd_vae(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    config: str | os.PathLike | dict | None = None,
+) -> Path:
+    """Convert ``src`` (diffusers VAE folder or weights file) into the MLX folder ``out_dir``; return its path."""
+    src, out_dir = Path(src), Path(out_dir)
+    target = parse_dtype(dtype)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    weights_path, diffusers_cfg = _locate(src, config)
+    state = _normalise_names(read_state_dict(weights_path), weights_path)
+    if diffusers_cfg is None:
+        diffusers_cfg = _infer_config(state, weights_path)
+    try:
+        cfg = SDVAEConfig.from_dict(diffusers_cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{src}: unsupported VAE config: {e}") from None
+
+    model = SDVAE(cfg)
+    expected = {k: _torch_shape(v.shape) for k, v in tree_flatten(model.parameters())}
+    check_state_dict(expected, state, weights_path)
+
+    weights = {}
+    for key, value in state.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            raise CheckpointError(f"{weights_path}: key {key!r} has dtype {value.dtype}, expected a floating tensor")
+        if value.ndim == 4:
+            value = value.transpose(0, 2, 3, 1)
+        weights[key] = value
+    weights = cast_floating(weights, target)
+    mx.eval(weights)
+
+    record = {
+        "model_type": MODEL_TYPE,
+        "converter_version": CONVERTER_VERSION,
+        **cfg.to_dict(),
+        "downsample": cfg.downsample,
+        "dtype": dtype,
+        "source_file": weights_path.name,
+        "source_sha256": sha256_file(weights_path),
+    }
+    return write_model_folder(out_dir, record, dict(sorted(weights.items())), overwrite=overwrite)
+
+
+def _run(args: argparse.Namespace) -> None:
+    out = convert_sd_vae(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, config=args.config)
+    log.info("wrote %s", out)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sd-vae",
+        help="SD image VAE (diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-ema) for STARFlow text-to-image",
+        description=(
+            "Convert a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors/.bin) or a "
+            "bare weights file into an MLX model folder."
+        ),
+    )
+    p.add_argument("src", help="diffusers VAE folder, or a .safetensors / .bin weights file")
+    p.add_argument("out", help="output MLX model folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype")
+    p.add_argument("--config", default=None, help="diffusers config.json to use for a bare weights file")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_run)
