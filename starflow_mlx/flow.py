@@ -390,7 +390,6 @@ class StarFlow(nn.Module):
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
-            half = x.shape[0] // 2
             for i in range(len(self.blocks) - 1):
                 for cache in caches[i]:
                     cache.keep_batch(cache.keys.shape[0] // 2)
@@ -440,18 +439,8 @@ class Prefix:
     frames: int
 
 
-def load_flow(folder, dtype: mx.Dtype | None = None) -> StarFlow:
+def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:
     """A converted flow folder (``starflow-mlx convert flow``) -> StarFlow, optionally cast to ``dtype``."""
-    from .weights import cast_floating, load_weights_into, read_config, read_model_folder
+    from .weights import load_model
 
-    raw = read_config(folder)
-    if raw.get("model_type") != "starflow":
-        raise ValueError(f"{folder}: model_type is {raw.get('model_type')!r}, not a STARFlow flow folder")
-    config = FlowConfig.from_dict(raw["flow"])
-    model = StarFlow(config)
-    weights = read_model_folder(folder)
-    if dtype is not None:
-        weights = cast_floating(weights, dtype)
-    load_weights_into(model, weights, raw, folder)
-    mx.eval(model.parameters())
-    return model
+    return load_model(folder, "starflow", lambda c: StarFlow(FlowConfig.from_dict(c["flow"])), dtype, "flow")

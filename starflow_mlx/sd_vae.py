@@ -26,7 +26,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import CheckpointError, cast_floating, load_weights_into, read_config, read_model_folder
+from .weights import load_model
 
 MODEL_TYPE = "sd-vae"
 # diffusers hard-codes these for AutoencoderKL: every norm uses eps 1e-6, the posterior clamps logvar.
@@ -485,17 +485,4 @@ def load_sd_vae(folder: str | os.PathLike, dtype: mx.Dtype | None = None) -> SDV
     ``dtype`` casts the weights (e.g. ``mx.float16``); ``None`` keeps the stored dtype. The SD VAE is normally run
     in float32, as STARFlow does.
     """
-    config = read_config(folder)
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(
-            f"{folder}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
-            "(convert the VAE with `starflow-mlx convert sd-vae`)"
-        )
-    model = SDVAE(SDVAEConfig.from_dict(config))
-    weights = read_model_folder(folder)
-    if dtype is not None:
-        weights = cast_floating(weights, dtype)
-    load_weights_into(model, weights, config, folder)
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+    return load_model(folder, MODEL_TYPE, lambda c: SDVAE(SDVAEConfig.from_dict(c)), dtype, "sd-vae")

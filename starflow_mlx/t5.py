@@ -19,13 +19,12 @@ import math
 import os
 from functools import lru_cache
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import CheckpointError, load_weights_into, parse_dtype, read_config, read_model_folder
+from .weights import load_model
 
 MODEL_TYPE = "t5-encoder"
 
@@ -259,19 +258,4 @@ def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.ar
 
 def load_t5(folder: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> T5Encoder:
     """Load a folder written by ``starflow-mlx convert t5``; ``dtype`` casts its floating weights (e.g. "float32")."""
-    folder = Path(folder)
-    config = read_config(folder)
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(
-            f"{folder}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
-            "(convert a Hugging Face T5 folder with `starflow-mlx convert t5`)"
-        )
-    model = T5Encoder(T5Config.from_dict(config))
-    weights = read_model_folder(folder)
-    if dtype is not None:
-        target = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-        weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    load_weights_into(model, weights, config, folder)
-    model.eval()
-    mx.eval(model.parameters())
-    return model
+    return load_model(folder, MODEL_TYPE, lambda c: T5Encoder(T5Config.from_dict(c)), dtype, "t5")

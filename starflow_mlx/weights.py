@@ -384,6 +384,31 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], config: di
     return model
 
 
+def load_model(
+    folder: str | os.PathLike,
+    model_type: str,
+    build: Callable[[dict], nn.Module],
+    dtype: "str | mx.Dtype | None" = None,
+    convert_hint: str = "",
+) -> nn.Module:
+    """Build a model from a converted folder's ``config.json`` and load its weights strictly.
+
+    ``build`` makes the module from the config dict; ``dtype`` casts the floating weights (``None`` keeps them).
+    """
+    config = read_config(folder)
+    if config.get("model_type") != model_type:
+        hint = f" (convert it with `starflow-mlx convert {convert_hint}`)" if convert_hint else ""
+        raise CheckpointError(f"{folder}: model_type is {config.get('model_type')!r}, expected {model_type!r}{hint}")
+    model = build(config)
+    weights = read_model_folder(folder)
+    if dtype is not None:
+        weights = cast_floating(weights, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    load_weights_into(model, weights, config, folder)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
 def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
 

@@ -3,10 +3,8 @@
 import json
 import os
 import pickle
-import zipfile
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from convert.flow import convert_flow

@@ -7,7 +7,7 @@ import pytest
 
 from convert.flow import convert_flow
 from starflow_mlx.flow import load_flow
-from starflow_mlx.sampling import SEQUENTIAL, Cancelled, Jacobi, SamplerStats
+from starflow_mlx.sampling import Cancelled, Jacobi, SamplerStats
 from tests.conftest import official_fixture
 
 torch = pytest.importorskip("torch")
