@@ -81,8 +81,10 @@ class FlowConfig:
             raise ValueError(f"seq_order must be 'L2R' or 'R2L', got {self.seq_order!r}")
         if self.temporal_causal and self.seq_order != "L2R":
             raise ValueError("temporal_causal requires seq_order 'L2R'")
-        if self.shallow_block_local and not self.cond_top_only:
-            raise ValueError("shallow_block_local requires cond_top_only")
+        if not self.cond_top_only:
+            # every released model conditions the deep block only; text (and guidance) in the shallow blocks
+            # would need paths nothing can be checked against
+            raise ValueError("cond_top_only=0 (text in the shallow blocks) is not supported")
         if self.txt_size <= 0:
             raise ValueError(f"txt_size must be positive (text-conditioned flow), got {self.txt_size}")
         for name in ("channels", "head_dim", "in_channels", "img_size"):
@@ -90,6 +92,8 @@ class FlowConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.head_dim % 2 or self.head_dim // 2 < 8 or (self.head_dim // 2 - 8) % 2:
             raise ValueError(f"head_dim {self.head_dim} is not usable with 3-D RoPE (half of it must be >= 8 and even)")
+        if self.num_heads is not None and self.num_heads * self.head_dim != self.channels:
+            raise ValueError(f"num_heads {self.num_heads} x head_dim {self.head_dim} must equal channels {self.channels}")
         for width in (self.channels, self.top_channels):
             if width % self.head_dim:
                 raise ValueError(f"width {width} is not a multiple of head_dim {self.head_dim}")

@@ -259,7 +259,7 @@ class StarFlow(nn.Module):
                 config,
                 dims=config.top_channels if i == n - 1 else config.channels,
                 num_layers=config.layers_per_block[i],
-                txt_dim=config.txt_dim if (i == n - 1 or not config.cond_top_only) else 0,
+                txt_dim=config.txt_dim if i == n - 1 else 0,  # cond_top_only: text in the deep block alone
                 permutation=config.block_permutation(i),
             )
             for i in range(n)
