@@ -1,0 +1,297 @@
+"""Convert the Wan2.2 video VAE into an MLX model folder (``starflow-mlx convert wan-vae SRC OUT``).
+
+Two source layouts are accepted:
+
+- the original Wan checkpoint ``Wan2.2_VAE.pth`` (what STARFlow-V loads): keys such as ``encoder.conv1.weight``,
+  ``encoder.downsamples.1.downsamples.2.time_conv.weight``, ``decoder.upsamples.0.upsamples.3.resample.1.weight``;
+  the widths are read from the tensor shapes, the rest of the architecture is Wan2.2's;
+- a diffusers ``AutoencoderKLWan`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, possibly
+  sharded, or a pipeline folder with a ``vae/`` subfolder) configured as Wan2.2 (``is_residual``, ``patch_size`` 2).
+
+Both become the same folder: our parameter names (``starflow_mlx/wan_vae.py``), MLX layouts (conv weights
+``[O, I, k...]`` -> ``[O, k..., I]``, 1x1 convs -> Linear ``[O, I]``, norm gammas -> ``[C]``), and a config.json
+with the widths, the latent mean/std, the STARFlow temporal scale and the source's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from starflow_mlx.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVAE, WanVAEConfig
+from starflow_mlx.weights import (
+    CheckpointError,
+    cast_floating,
+    check_state_dict,
+    parse_dtype,
+    read_state_dict,
+    sha256_file,
+    write_model_folder,
+)
+
+CONVERTER_VERSION = 1
+log = logging.getLogger("starflow_mlx")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names: ours -> diffusers -> original Wan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ours_to_diffusers(key: str) -> str:
+    """Our parameter name -> the diffusers ``AutoencoderKLWan`` name."""
+    key = re.sub(r"\.norm(1|2|_out)?\.weight$", r".norm\1.gamma", key)
+    key = key.replace(".shortcut.", ".conv_shortcut.")
+    key = key.replace("mid_block.attention.", "mid_block.attentions.0.")
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resample\.conv\.", r"encoder.down_blocks.\1.downsampler.resample.1.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resample\.", r"encoder.down_blocks.\1.downsampler.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resample\.conv\.", r"decoder.up_blocks.\1.upsampler.resample.1.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resample\.", r"decoder.up_blocks.\1.upsampler.", key)
+    return key
+
+
+_RESNET_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+                 "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def diffusers_to_original(key: str, num_res_blocks: int) -> str:
+    """A diffusers ``AutoencoderKLWan`` (Wan2.2, residual blocks) name -> the original Wan checkpoint name."""
+    top = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+    head, _, rest = key.partition(".")
+    if head in top:
+        return f"{top[head]}.{rest}"
+    side, _, rest = key.partition(".")  # "encoder" / "decoder"
+    for ours, orig in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
+        if rest.startswith(ours):
+            return f"{side}.{orig}{rest[len(ours):]}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", rest)
+    if m:
+        kind, i, tail = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "attentions":
+            return f"{side}.middle.{2 * i + 1}.{tail}"
+        return f"{side}.middle.{2 * i}.{_resnet_part(tail)}"
+    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.*)$", rest)
+    if m:
+        outer = "downsamples" if m.group(1) == "down_blocks" else "upsamples"
+        block, tail = m.group(2), m.group(5)
+        if m.group(4) is not None:
+            return f"{side}.{outer}.{block}.{outer}.{m.group(4)}.{_resnet_part(tail)}"
+        # The resampler is the last entry of the block's Sequential, after its residual blocks.
+        index = num_res_blocks if outer == "downsamples" else num_res_blocks + 1
+        return f"{side}.{outer}.{block}.{outer}.{index}.{tail}"
+    return key
+
+
+def _resnet_part(tail: str) -> str:
+    for ours, orig in _RESNET_PARTS.items():
+        if tail == ours or tail.startswith(ours + "."):
+            return orig + tail[len(ours):]
+    return tail
+
+
+def source_shape(key: str, shape: tuple) -> tuple:
+    """The PyTorch shape of the tensor that becomes our ``key`` of MLX shape ``shape``."""
+    if key.endswith("attention.norm.weight"):
+        return (shape[0], 1, 1)
+    if re.search(r"\.norm(1|2|_out)?\.weight$", key):
+        return (shape[0], 1, 1, 1)
+    if len(shape) == 2:  # 1x1 convs held as Linear
+        return (*shape, 1, 1) if ".attention." in key else (*shape, 1, 1, 1)
+    if len(shape) == 5:
+        return (shape[0], shape[4], *shape[1:4])
+    if len(shape) == 4:
+        return (shape[0], shape[3], *shape[1:3])
+    return tuple(shape)
+
+
+def to_mlx_layout(value: mx.array, shape: tuple) -> mx.array:
+    if len(shape) == 5:
+        return value.transpose(0, 2, 3, 4, 1)
+    if len(shape) == 4:
+        return value.transpose(0, 2, 3, 1)
+    return value.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the sources
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _require(sd: dict, key: str, ndim: int, src) -> mx.array:
+    if key not in sd:
+        raise CheckpointError(f"{src}: missing key {key!r}, needed to read the model widths; is this Wan2.2_VAE.pth?")
+    if sd[key].ndim != ndim:
+        raise CheckpointError(f"{src}: key {key!r} has shape {list(sd[key].shape)}, expected a {ndim}-D tensor")
+    return sd[key]
+
+
+def _config_from_original(sd: dict, src, latents_mean, latents_std, arch: dict) -> WanVAEConfig:
+    if "encoder.conv_in.weight" in sd and "encoder.conv1.weight" not in sd:
+        raise CheckpointError(
+            f"{src}: this file has diffusers AutoencoderKLWan key names; pass its folder (with config.json) instead"
+        )
+    conv_in = _require(sd, "encoder.conv1.weight", 5, src)
+    head = _require(sd, "decoder.head.2.weight", 5, src)
+    z = _require(sd, "conv2.weight", 5, src).shape[0]
+    patch = arch.get("patch_size", 2)
+    if conv_in.shape[1] % (patch * patch):
+        raise CheckpointError(
+            f"{src}: encoder.conv1.weight has {conv_in.shape[1]} input channels, not a multiple of patch_size² = "
+            f"{patch * patch}"
+        )
+    if z != 48 and (latents_mean is None or latents_std is None):
+        raise ValueError(
+            f"{src}: z_dim is {z}, not Wan2.2's 48, so the built-in latent mean/std do not apply; pass latents_mean "
+            "and latents_std"
+        )
+    return WanVAEConfig(
+        base_dim=conv_in.shape[0],
+        decoder_base_dim=head.shape[1],
+        z_dim=z,
+        image_channels=conv_in.shape[1] // (patch * patch),
+        latents_mean=list(latents_mean if latents_mean is not None else WAN22_LATENTS_MEAN),
+        latents_std=list(latents_std if latents_std is not None else WAN22_LATENTS_STD),
+        **arch,
+    )
+
+
+def _diffusers_files(src: Path) -> tuple[Path, list[Path]]:
+    if (src / "vae" / "config.json").is_file() and not (src / "config.json").is_file():
+        src = src / "vae"
+    config = src / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{src}: no config.json; expected a diffusers AutoencoderKLWan folder or a .pth file")
+    index = src / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index: {e}") from None
+        files = [src / n for n in names]
+    else:
+        files = [src / "diffusion_pytorch_model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{src}: missing weights file {f.name}")
+    return config, files
+
+
+def _config_from_diffusers(path: Path, latents_mean, latents_std) -> WanVAEConfig:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    if d.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+        raise ValueError(f"{path}: _class_name is {d.get('_class_name')!r}, expected 'AutoencoderKLWan'")
+    if not d.get("is_residual", False):
+        raise ValueError(f"{path}: is_residual is false: that is the Wan2.1 VAE, not Wan2.2's")
+    if d.get("attn_scales"):
+        raise ValueError(f"{path}: attn_scales {d['attn_scales']} is not supported (Wan2.2 has none)")
+    patch = d.get("patch_size") or 1
+    in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
+    if in_ch != out_ch or in_ch % (patch * patch):
+        raise ValueError(
+            f"{path}: in_channels {in_ch} / out_channels {out_ch} do not match patch_size {patch} "
+            "(expected equal counts, a multiple of patch_size²)"
+        )
+    z = d.get("z_dim", 16)
+    mean = latents_mean if latents_mean is not None else d.get("latents_mean")
+    std = latents_std if latents_std is not None else d.get("latents_std")
+    if mean is None or std is None:
+        mean, std = WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+    base = d.get("base_dim", 96)
+    return WanVAEConfig(
+        base_dim=base,
+        decoder_base_dim=d.get("decoder_base_dim") or base,
+        z_dim=z,
+        dim_mult=d.get("dim_mult", [1, 2, 4, 4]),
+        num_res_blocks=d.get("num_res_blocks", 2),
+        temporal_downsample=d.get("temperal_downsample", [False, True, True]),
+        patch_size=patch,
+        image_channels=in_ch // (patch * patch),
+        latents_mean=list(mean),
+        latents_std=list(std),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def convert_wan_vae(
+    src: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    *,
+    temporal_scale: float = 0.6,
+    latents_mean: Optional[Sequence[float]] = None,
+    latents_std: Optional[Sequence[float]] = None,
+    dim_mult: Sequence[int] = (1, 2, 4, 4),
+    num_res_blocks: int = 2,
+    temporal_downsample: Sequence[bool] = (False, True, True),
+) -> Path:
+    """Convert ``Wan2.2_VAE.pth`` or a diffusers ``AutoencoderKLWan`` folder into an MLX folder at ``out_dir``.
+
+    ``dim_mult``/``num_res_blocks``/``temporal_downsample`` apply to the original format only (diffusers folders
+    carry them in config.json); the defaults are Wan2.2's.
+    """
+    src, out_dir = Path(src), Path(out_dir)
+    target = parse_dtype(dtype)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    if src.is_dir():
+        config_path, files = _diffusers_files(src)
+        cfg = _config_from_diffusers(config_path, latents_mean, latents_std)
+        sd = {}
+        for f in files:
+            sd.update(read_state_dict(f))
+        source_format, naming = "diffusers", ours_to_diffusers
+        digest = {f.name: sha256_file(f) for f in files}
+        sha = digest[files[0].name] if len(files) == 1 else digest
+    elif src.is_file():
+        sd = read_state_dict(src)
+        arch = dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal_downsample)
+        cfg = _config_from_original(sd, src, latents_mean, latents_std, arch)
+        source_format = "wan"
+        naming = lambda k: diffusers_to_original(ours_to_diffusers(k), cfg.num_res_blocks)  # noqa: E731
+        sha = sha256_file(src)
+    else:
+        raise CheckpointError(f"{src}: no such file or folder")
+    cfg.temporal_scale = float(temporal_scale)
+
+    # Our parameter shapes (the model is built lazily: nothing is allocated), mapped back to source names/shapes.
+    ours = dict(tree_flatten(WanVAE(cfg).parameters()))
+    names = {k: naming(k) for k in ours}
+    check_state_dict({names[k]: source_shape(k, v.shape) for k, v in ours.items()}, sd, src)
+    weights = {k: to_mlx_layout(sd[names[k]], v.shape) for k, v in ours.items()}
+    weights = cast_floating(weights, target)
+
+    config = cfg.to_dict()
+    config.update(dtype=dtype, source=src.name, source_format=source_format, source_sha256=sha,
+                  converter_version=CONVERTER_VERSION)
+    write_model_folder(out_dir, config, weights, overwrite=overwrite)
+    log.info("wrote %s (%d tensors, %s, from %s layout)", out_dir, len(weights), dtype, source_format)
+    return out_dir
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "wan-vae",
+        help="Wan2.2 video VAE (Wan2.2_VAE.pth or a diffusers AutoencoderKLWan folder)",
+        description="Convert the Wan2.2 VAE used by STARFlow-V into an MLX model folder.",
+    )
+    p.add_argument("src", help="Wan2.2_VAE.pth, or a diffusers AutoencoderKLWan folder (config.json + safetensors)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--temporal-scale", type=float, default=0.6,
+                   help="STARFlow's scale on latent frames >= 1 (the ':0.6' of the vae name)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=lambda a: convert_wan_vae(a.src, a.out, a.dtype, a.overwrite, temporal_scale=a.temporal_scale))

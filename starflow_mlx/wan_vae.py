@@ -1,0 +1,614 @@
+"""The Wan2.2 video VAE (the ``Wan2.2_VAE.pth`` of Wan2.2-TI2V-5B) used by STARFlow-V, in MLX.
+
+Layout: MLX is channels-last. Pixels are ``(B, T, H, W, 3)`` videos or ``(B, H, W, 3)`` images in [-1, 1]; latents
+are ``(B, T', H/16, W/16, z_dim)`` (``(B, H/16, W/16, z_dim)`` for images). Every public method also takes
+``channels_first=True`` for the STARFlow layout: video ``(B, T, C, H, W)``, image ``(B, C, H, W)``, and returns
+latents/pixels in that layout too.
+
+Time is causal: ``T = 1 + 4k`` frames map to ``1 + k`` latent frames. The encoder runs on frame 0 alone and then on
+groups of 4 frames; the decoder runs one latent frame at a time (the first yields 1 frame, later ones 4). Every
+causal convolution keeps the last two frames of its input between chunks (``_TimeCache``), which makes chunked
+processing exactly equal to processing the whole clip, and bounds memory by the chunk.
+
+Latent convention (STARFlow's wrapper around Wan): ``z = (mu - mean) * (1/std)`` per channel, then latent frames
+``>= 1`` are multiplied by ``temporal_scale`` (0.6) for videos; decoding undoes both (dividing by ``1/std``, as the
+reference code does). Images (4-D input) go through the same network as a 1-frame clip, with no temporal scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import cast_floating, load_weights_into, read_config, read_model_folder
+
+CACHE_T = 2  # frames of left context each causal conv keeps between chunks
+
+# Per-channel latent statistics of Wan2.2_VAE (not stored in the checkpoint; constants of misc/wan_vae2.py).
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+]
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+]
+
+
+@dataclass
+class WanVAEConfig:
+    model_type: str = "wan2.2-vae"
+    base_dim: int = 160
+    decoder_base_dim: int = 256
+    z_dim: int = 48
+    dim_mult: Sequence[int] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: Sequence[bool] = (False, True, True)
+    patch_size: int = 2
+    image_channels: int = 3
+    latents_mean: Sequence[float] = field(default_factory=lambda: list(WAN22_LATENTS_MEAN))
+    latents_std: Sequence[float] = field(default_factory=lambda: list(WAN22_LATENTS_STD))
+    temporal_scale: float = 0.6
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanVAEConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def __post_init__(self):
+        self.dim_mult = tuple(int(m) for m in self.dim_mult)
+        self.temporal_downsample = tuple(bool(t) for t in self.temporal_downsample)
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample has {len(self.temporal_downsample)} entries; dim_mult {list(self.dim_mult)} "
+                f"needs {len(self.dim_mult) - 1} (one per downsampling stage)"
+            )
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                raise ValueError(f"{name} has {len(getattr(self, name))} values, expected z_dim = {self.z_dim}")
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["dim_mult"], d["temporal_downsample"] = list(self.dim_mult), list(self.temporal_downsample)
+        d["latents_mean"], d["latents_std"] = list(self.latents_mean), list(self.latents_std)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-call causal state
+# ----------------------------------------------------------------------------------------------------------------
+
+_REPLICATE = "first-chunk"  # marks an upsample3d slot that has seen only the first chunk (Wan's "Rep")
+
+
+class _TimeCache:
+    """Left-context frames of every causal site, in call order; one instance per encode/decode (per tile)."""
+
+    def __init__(self):
+        self.slots: list = []
+        self.index = 0
+
+    def rewind(self):
+        self.index = 0
+
+    def get(self):
+        if self.index == len(self.slots):
+            self.slots.append(None)
+        return self.slots[self.index]
+
+    def put(self, value):
+        self.slots[self.index] = value
+        self.index += 1
+
+    def arrays(self) -> list[mx.array]:
+        return [s for s in self.slots if isinstance(s, mx.array)]
+
+
+def _keep_last(x: mx.array, old) -> mx.array:
+    """The two frames a causal conv keeps: the last two of its input, or the previous chunk's last + this one."""
+    new = _own(x[:, -CACHE_T:])
+    if new.shape[1] < CACHE_T and isinstance(old, mx.array):
+        new = mx.concatenate([old[:, -1:], new], axis=1)
+    return new
+
+
+def _own(x: mx.array) -> mx.array:
+    # A slice shares its source's buffer; a copy lets the chunk's activations be freed while the cache lives on.
+    return mx.contiguous(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded ``2·p_t`` frames in front and none behind (``p`` symmetric in H and W)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1)):
+        super().__init__(in_dim, out_dim, tuple(kernel), stride=tuple(stride), padding=0)
+        self.front, self.ph, self.pw = 2 * padding[0], padding[1], padding[2]
+
+    def __call__(self, x: mx.array, context: Optional[mx.array] = None) -> mx.array:
+        front = self.front
+        if context is not None and front > 0:
+            x = mx.concatenate([context.astype(x.dtype), x], axis=1)
+            front -= context.shape[1]
+        if front or self.ph or self.pw:
+            x = mx.pad(x, [(0, 0), (front, 0), (self.ph, self.ph), (self.pw, self.pw), (0, 0)])
+        return super().__call__(x)
+
+    def cached(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        old = cache.get()
+        cache.put(_keep_last(x, old))
+        return self(x, old)
+
+
+class RMSNorm(nn.Module):
+    """Wan's ``RMS_norm``: ``x / max(||x||_2, 1e-12) · sqrt(C) · γ`` over channels (an L2 normalise, no eps-add)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.scale = math.sqrt(dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xf = x.astype(mx.float32)
+        norm = mx.sqrt(mx.sum(xf * xf, axis=-1, keepdims=True))
+        y = xf / mx.maximum(norm, 1e-12)
+        return (y * (self.scale * self.weight.astype(mx.float32))).astype(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim)
+        self.norm2 = RMSNorm(out_dim)
+        self.conv2 = CausalConv3d(out_dim, out_dim)
+        # A 1x1x1 conv is a per-position Linear in channels-last layout.
+        self.shortcut = nn.Linear(in_dim, out_dim) if in_dim != out_dim else None
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        h = self.shortcut(x) if self.shortcut is not None else x
+        x = self.conv1.cached(nn.silu(self.norm1(x)), cache)
+        x = self.conv2.cached(nn.silu(self.norm2(x)), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H·W positions of each frame (q, k, v = consecutive C-channel groups)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, T, H, W, C = x.shape
+        h = self.norm(x).reshape(B * T, 1, H * W, C)
+        q, k, v = mx.split(self.to_qkv(h), 3, axis=-1)
+        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(C))
+        return x + self.proj(h).reshape(B, T, H, W, C)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.resnets = [ResidualBlock(dim, dim), ResidualBlock(dim, dim)]
+        self.attention = AttentionBlock(dim)
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        x = self.resnets[0](x, cache)
+        x = self.attention(x)
+        return self.resnets[1](x, cache)
+
+
+def _per_frame(fn, x: mx.array) -> mx.array:
+    B, T = x.shape[:2]
+    y = fn(x.reshape(B * T, *x.shape[2:]))
+    return y.reshape(B, T, *y.shape[1:])
+
+
+class Downsample(nn.Module):
+    """Per-frame 3x3 stride-2 conv after a (right 1, bottom 1) zero pad; optionally a stride-2 causal time conv."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2, padding=0)
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0)) if temporal else None
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        x = _per_frame(lambda f: self.conv(mx.pad(f, [(0, 0), (0, 1), (0, 1), (0, 0)])), x)
+        if self.time_conv is None:
+            return x
+        old = cache.get()
+        cache.put(_own(x[:, -1:]))
+        if old is None:  # the first chunk (a single frame) passes through without temporal downsampling
+            return x
+        return self.time_conv(mx.concatenate([old[:, -1:].astype(x.dtype), x], axis=1))
+
+
+class Upsample(nn.Module):
+    """Optionally a causal time conv C -> 2C whose halves become frames 2i and 2i+1; then nearest x2 + 3x3 conv."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        if self.time_conv is not None:
+            old = cache.get()
+            if old is None:  # first chunk: no temporal upsampling (the DupUp3D shortcut drops its extra frame too)
+                cache.put(_REPLICATE)
+            else:
+                new = _own(x[:, -CACHE_T:])
+                if new.shape[1] < CACHE_T:
+                    prev = old[:, -1:] if isinstance(old, mx.array) else mx.zeros_like(new)
+                    new = mx.concatenate([prev, new], axis=1)
+                # The second chunk is zero-padded (no context), later ones use the kept frames.
+                y = self.time_conv(x, old if isinstance(old, mx.array) else None)
+                cache.put(new)
+                B, T, H, W, C2 = y.shape
+                C = C2 // 2
+                x = y.reshape(B, T, H, W, 2, C).transpose(0, 1, 4, 2, 3, 5).reshape(B, 2 * T, H, W, C)
+        B, T, H, W, C = x.shape
+        up = mx.broadcast_to(x[:, :, :, None, :, None, :], (B, T, H, 2, W, 2, C)).reshape(B * T, 2 * H, 2 * W, C)
+        y = self.conv(up)
+        return y.reshape(B, T, *y.shape[1:])
+
+
+def avg_down_3d(x: mx.array, out_dim: int, factor_t: int, factor_s: int) -> mx.array:
+    """Parameter-free shortcut: fold (t, h, w) offsets into channels (c slowest) and average groups to out_dim."""
+    B, T, H, W, C = x.shape
+    pad_t = (-T) % factor_t
+    if pad_t:
+        x = mx.pad(x, [(0, 0), (pad_t, 0), (0, 0), (0, 0), (0, 0)])
+        T += pad_t
+    t, h, w = T // factor_t, H // factor_s, W // factor_s
+    x = x.reshape(B, t, factor_t, h, factor_s, w, factor_s, C)
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, t, h, w, out_dim, -1)
+    return mx.mean(x, axis=-1)
+
+
+def dup_up_3d(x: mx.array, out_dim: int, factor_t: int, factor_s: int, first_chunk: bool) -> mx.array:
+    """Inverse fold of ``avg_down_3d``: repeat channels, unfold into (t, h, w) offsets; the first chunk keeps 1 frame."""
+    B, T, H, W, C = x.shape
+    repeats = out_dim * factor_t * factor_s * factor_s // C
+    x = mx.repeat(x, repeats, axis=-1).reshape(B, T, H, W, out_dim, factor_t, factor_s, factor_s)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, T * factor_t, H * factor_s, W * factor_s, out_dim)
+    if first_chunk:
+        x = x[:, factor_t - 1 :]
+    return x
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, spatial: bool):
+        super().__init__()
+        self.resnets = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)]
+        self.resample = Downsample(out_dim, temporal) if spatial else None
+        self.out_dim = out_dim
+        self.factor_t, self.factor_s = (2 if temporal else 1), (2 if spatial else 1)
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        shortcut = avg_down_3d(x, self.out_dim, self.factor_t, self.factor_s)
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.resample is not None:
+            x = self.resample(x, cache)
+        return x + shortcut
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, spatial: bool):
+        super().__init__()
+        self.resnets = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)]
+        self.resample = Upsample(out_dim, temporal) if spatial else None
+        self.out_dim, self.spatial = out_dim, spatial
+        self.factor_t = 2 if temporal else 1
+
+    def __call__(self, x: mx.array, cache: _TimeCache, first_chunk: bool) -> mx.array:
+        h = x
+        for resnet in self.resnets:
+            h = resnet(h, cache)
+        if self.resample is None:
+            return h
+        h = self.resample(h, cache)
+        return h + dup_up_3d(x, self.out_dim, self.factor_t, 2, first_chunk)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        n = len(cfg.dim_mult)
+        self.conv_in = CausalConv3d(cfg.image_channels * cfg.patch_size**2, dims[0])
+        self.down_blocks = [
+            DownBlock(dims[i], dims[i + 1], cfg.num_res_blocks,
+                      temporal=i < n - 1 and cfg.temporal_downsample[i], spatial=i < n - 1)
+            for i in range(n)
+        ]
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim)
+
+    def __call__(self, x: mx.array, cache: _TimeCache) -> mx.array:
+        x = self.conv_in.cached(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out.cached(nn.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.decoder_base_dim * m for m in (mult[-1], *mult[::-1])]
+        temporal_up = cfg.temporal_downsample[::-1]
+        n = len(mult)
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0])
+        self.mid_block = MidBlock(dims[0])
+        self.up_blocks = [
+            UpBlock(dims[i], dims[i + 1], cfg.num_res_blocks,
+                    temporal=i < n - 1 and temporal_up[i], spatial=i < n - 1)
+            for i in range(n)
+        ]
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.image_channels * cfg.patch_size**2)
+
+    def __call__(self, x: mx.array, cache: _TimeCache, first_chunk: bool) -> mx.array:
+        x = self.conv_in.cached(x, cache)
+        x = self.mid_block(x, cache)
+        for block in self.up_blocks:
+            x = block(x, cache, first_chunk)
+        return self.conv_out.cached(nn.silu(self.norm_out(x)), cache)
+
+
+def patchify(x: mx.array, p: int) -> mx.array:
+    """(B, T, H·p, W·p, C) -> (B, T, H, W, C·p·p), channel order (c, column offset, row offset) as in Wan."""
+    if p == 1:
+        return x
+    B, T, H, W, C = x.shape
+    x = x.reshape(B, T, H // p, p, W // p, p, C).transpose(0, 1, 2, 4, 6, 5, 3)
+    return x.reshape(B, T, H // p, W // p, C * p * p)
+
+
+def unpatchify(x: mx.array, p: int) -> mx.array:
+    if p == 1:
+        return x
+    B, T, H, W, Cp = x.shape
+    C = Cp // (p * p)
+    x = x.reshape(B, T, H, W, C, p, p).transpose(0, 1, 2, 6, 3, 5, 4)
+    return x.reshape(B, T, H * p, W * p, C)
+
+
+def _ramp(length: int, overlap: int, before: bool, after: bool) -> mx.array:
+    w = mx.ones((length,))
+    if overlap > 0:
+        up = (mx.arange(overlap, dtype=mx.float32) + 0.5) / overlap
+        if before:
+            w = mx.concatenate([up, w[overlap:]])
+        if after:
+            w = mx.concatenate([w[:-overlap], up[::-1]])
+    return w
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def blend_tiles(tiles: list[tuple[int, int, mx.array]], height: int, width: int, overlap: int) -> mx.array:
+    """Weighted average of (y0, x0, tile) pieces (..., h, w, C) with linear ramps ``overlap`` pixels wide."""
+    ys = sorted({y for y, _, _ in tiles})
+    xs = sorted({x for _, x, _ in tiles})
+    first = tiles[0][2]
+    out = mx.zeros((*first.shape[:-3], height, width, first.shape[-1]), dtype=mx.float32)
+    norm = mx.zeros((height, width, 1), dtype=mx.float32)
+    for y0, x0, t in tiles:
+        h, w = t.shape[-3], t.shape[-2]
+        wy = _ramp(h, min(overlap, h), y0 != ys[0], y0 != ys[-1])
+        wx = _ramp(w, min(overlap, w), x0 != xs[0], x0 != xs[-1])
+        weight = (wy[:, None] * wx[None, :])[:, :, None]
+        out[..., y0 : y0 + h, x0 : x0 + w, :] += t.astype(mx.float32) * weight
+        norm[y0 : y0 + h, x0 : x0 + w, :] += weight
+    return (out / norm).astype(first.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class WanVAE(nn.Module):
+    def __init__(self, config: WanVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Linear(2 * config.z_dim, 2 * config.z_dim)
+        self.post_quant_conv = nn.Linear(config.z_dim, config.z_dim)
+        self.decoder = Decoder(config)
+        # Underscored: kept out of parameters() (they are constants, not checkpoint tensors).
+        self._mean = mx.array(config.latents_mean, dtype=mx.float32)
+        self._inv_std = 1.0 / mx.array(config.latents_std, dtype=mx.float32)
+
+    # -- layout helpers -----------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.quant_conv.weight.dtype
+
+    @staticmethod
+    def _to_clip(x: mx.array, channels_first: bool, what: str) -> tuple[mx.array, bool]:
+        """Any accepted input -> (B, T, H, W, C) and whether it was a video."""
+        if x.ndim == 5:
+            return (x.transpose(0, 1, 3, 4, 2) if channels_first else x), True
+        if x.ndim == 4:
+            return (x.transpose(0, 2, 3, 1) if channels_first else x)[:, None], False
+        layout = "(B, T, C, H, W) or (B, C, H, W)" if channels_first else "(B, T, H, W, C) or (B, H, W, C)"
+        raise ValueError(f"{what} must be {layout}, got shape {list(x.shape)}")
+
+    @staticmethod
+    def _from_clip(x: mx.array, video: bool, channels_first: bool) -> mx.array:
+        if not video:
+            x = x[:, 0]
+            return x.transpose(0, 3, 1, 2) if channels_first else x
+        return x.transpose(0, 1, 4, 2, 3) if channels_first else x
+
+    def _temporal(self, z: mx.array, video: bool, temporal_scale: Optional[float], inverse: bool) -> mx.array:
+        s = self.config.temporal_scale if temporal_scale is None else temporal_scale
+        if not video or s == 1 or z.shape[1] < 2:
+            return z
+        rest = z[:, 1:] / s if inverse else z[:, 1:] * s
+        return mx.concatenate([z[:, :1], rest], axis=1)
+
+    # -- encoder ------------------------------------------------------------------------------------------------
+
+    def _moments(self, video: mx.array, channels_first: bool) -> tuple[mx.array, mx.array, bool]:
+        x, is_video = self._to_clip(video, channels_first, "video")
+        cfg = self.config
+        B, T, H, W, C = x.shape
+        if C != cfg.image_channels:
+            raise ValueError(f"expected {cfg.image_channels} colour channels, got shape {list(video.shape)}")
+        f = cfg.spatial_factor
+        if H % f or W % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {H}x{W}")
+        step = cfg.temporal_factor
+        if (T - 1) % step:
+            raise ValueError(f"a clip needs 1 + {step}·k frames (1, {1 + step}, {1 + 2 * step}, ...), got {T}")
+        x = patchify(x.astype(self.dtype), cfg.patch_size)
+        cache, outs = _TimeCache(), []
+        for start, stop in [(0, 1)] + [(s, s + step) for s in range(1, T, step)]:
+            cache.rewind()
+            out = self.encoder(x[:, start:stop], cache)
+            mx.eval(out, cache.arrays())
+            outs.append(out)
+        h = self.quant_conv(mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
+        mu, logvar = mx.split(h.astype(mx.float32), 2, axis=-1)
+        return mu, logvar, is_video
+
+    def encode(
+        self, video: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
+        channels_first: bool = False,
+    ) -> tuple[mx.array, mx.array]:
+        """(mean, logvar) of the posterior, float32.
+
+        ``mean`` is the latent the flow sees at ε = 0: ``(mu - mean)·(1/std)``, frames >= 1 times the temporal scale
+        (videos only). ``logvar`` is Wan's raw log-variance (neither rescaled by std nor by the temporal scale).
+        ``normalize=False`` returns Wan's raw ``mu`` instead.
+        """
+        mu, logvar, is_video = self._moments(video, channels_first)
+        if normalize:
+            mu = self._temporal((mu - self._mean) * self._inv_std, is_video, temporal_scale, inverse=False)
+        return self._from_clip(mu, is_video, channels_first), self._from_clip(logvar, is_video, channels_first)
+
+    def sample(
+        self, video: mx.array, key: Optional[mx.array] = None, *, noise: Optional[mx.array] = None,
+        temporal_scale: Optional[float] = None, channels_first: bool = False,
+    ) -> mx.array:
+        """STARFlow's stochastic latent: ``ts ⊙ ((mu - mean)/std + exp(0.5·clamp(logvar, -30, 20))·ε)``.
+
+        ``noise`` (the ε, in the latent layout) makes it reproducible; otherwise ε ~ N(0, 1) from ``key``.
+        """
+        mu, logvar, is_video = self._moments(video, channels_first)
+        mu = (mu - self._mean) * self._inv_std
+        if noise is None:
+            eps = mx.random.normal(mu.shape, key=key)
+        else:
+            eps, _ = self._to_clip(noise, channels_first, "noise")
+            if eps.shape != mu.shape:
+                expected = list(self._from_clip(mu, is_video, channels_first).shape)
+                raise ValueError(f"noise has shape {list(noise.shape)}, expected {expected}")
+            eps = eps.astype(mx.float32)
+        z = mu + mx.exp(0.5 * mx.clip(logvar, -30.0, 20.0)) * eps
+        z = self._temporal(z, is_video, temporal_scale, inverse=False)
+        return self._from_clip(z, is_video, channels_first)
+
+    # -- decoder ------------------------------------------------------------------------------------------------
+
+    def decode_frames(
+        self, latents: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
+        channels_first: bool = False, tile_size: Optional[int] = None, tile_overlap: int = 4,
+    ) -> Iterator[mx.array]:
+        """Decode latent frame by latent frame, yielding evaluated pixel chunks as they are ready.
+
+        The first latent frame gives 1 frame, each later one ``temporal_factor`` (4) frames, each chunk shaped
+        (B, n, H, W, 3) (or (B, n, 3, H, W)). Memory is bounded by one chunk, not the clip. ``tile_size`` (in
+        latent pixels) decodes spatial tiles of that size overlapping by ``tile_overlap`` latent pixels, blended
+        linearly (an approximation: tiles do not see each other's context).
+        """
+        z, is_video = self._to_clip(latents, channels_first, "latents")
+        if not is_video:
+            raise ValueError(f"decode_frames expects video latents (5-D), got shape {list(latents.shape)}; use decode")
+        cfg = self.config
+        if z.shape[-1] != cfg.z_dim:
+            raise ValueError(f"latents have {z.shape[-1]} channels, expected z_dim = {cfg.z_dim} (shape {list(latents.shape)})")
+        z = z.astype(mx.float32)
+        if normalize:
+            z = self._temporal(z, True, temporal_scale, inverse=True)
+            z = z / self._inv_std + self._mean  # division by the reciprocal, as in the reference
+        B, T, h, w, _ = z.shape
+        if tile_size is None or (h <= tile_size and w <= tile_size):
+            windows = [(0, 0, h, w)]
+        else:
+            if not 0 <= tile_overlap < tile_size:
+                raise ValueError(f"tile_overlap must be in [0, tile_size), got {tile_overlap} for tile_size {tile_size}")
+            windows = [(y, x, min(tile_size, h), min(tile_size, w))
+                       for y in _tile_starts(h, tile_size, tile_overlap) for x in _tile_starts(w, tile_size, tile_overlap)]
+        caches = [_TimeCache() for _ in windows]
+        f = cfg.spatial_factor
+        for i in range(T):
+            pieces = []
+            for (y0, x0, th, tw), cache in zip(windows, caches):
+                cache.rewind()
+                zi = self.post_quant_conv(z[:, i : i + 1, y0 : y0 + th, x0 : x0 + tw].astype(self.dtype))
+                out = unpatchify(self.decoder(zi, cache, first_chunk=i == 0), cfg.patch_size)
+                mx.eval(out, cache.arrays())
+                pieces.append((y0 * f, x0 * f, out))
+            out = pieces[0][2] if len(pieces) == 1 else blend_tiles(pieces, h * f, w * f, tile_overlap * f)
+            mx.eval(out)
+            yield out.transpose(0, 1, 4, 2, 3) if channels_first else out
+
+    def decode(self, latents: mx.array, *, channels_first: bool = False, **kwargs) -> mx.array:
+        """Whole-clip decode (the concatenation of ``decode_frames``); 4-D image latents give images. No clamp."""
+        z, is_video = self._to_clip(latents, channels_first, "latents")
+        chunks = list(self.decode_frames(z, **kwargs))
+        x = mx.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
+        return self._from_clip(x, is_video, channels_first)
+
+
+def load_wan_vae(folder: str | Path, dtype: Optional[mx.Dtype] = None) -> WanVAE:
+    """A converted folder (``starflow-mlx convert wan-vae``) as a ready model; ``dtype`` casts the weights."""
+    config = read_config(folder)
+    if config.get("model_type") != "wan2.2-vae":
+        raise ValueError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'wan2.2-vae'")
+    model = WanVAE(WanVAEConfig.from_dict(config))
+    weights = read_model_folder(folder)
+    if dtype is not None:
+        weights = cast_floating(weights, dtype)
+    load_weights_into(model, weights, config, folder)
+    mx.eval(model.parameters())
+    return model
