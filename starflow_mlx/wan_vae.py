@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import cast_floating, load_weights_into, read_config, read_model_folder
+from .weights import load_model
 
 CACHE_T = 2  # frames of left context each causal conv keeps between chunks
 
@@ -602,13 +602,4 @@ class WanVAE(nn.Module):
 
 def load_wan_vae(folder: str | Path, dtype: Optional[mx.Dtype] = None) -> WanVAE:
     """A converted folder (``starflow-mlx convert wan-vae``) as a ready model; ``dtype`` casts the weights."""
-    config = read_config(folder)
-    if config.get("model_type") != "wan2.2-vae":
-        raise ValueError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'wan2.2-vae'")
-    model = WanVAE(WanVAEConfig.from_dict(config))
-    weights = read_model_folder(folder)
-    if dtype is not None:
-        weights = cast_floating(weights, dtype)
-    load_weights_into(model, weights, config, folder)
-    mx.eval(model.parameters())
-    return model
+    return load_model(folder, "wan2.2-vae", lambda c: WanVAE(WanVAEConfig.from_dict(c)), dtype, "wan-vae")
