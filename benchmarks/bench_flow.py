@@ -111,7 +111,7 @@ def main():
     tokens = BATCH * FRAMES * 16 * 16
     inv_tokens = INV_FRAMES * 16 * 16 * 6
     mlx_r = results[0]
-    print(f"forward: {BATCH} clips x {FRAMES} frames x 16x16 latent ({tokens} tokens through 6 blocks); "
+    print(f"forward: {BATCH} clip(s) x {FRAMES} frames x 16x16 latent ({tokens} tokens through 6 blocks); "
           f"sequential inverse: {INV_FRAMES} frame, guided, {inv_tokens} token steps\n")
     print("| implementation | OpenBLAS preload | forward NLL (s) | forward tokens/s | sequential inverse (s) | "
           "MLX speed-up fwd / inv |")

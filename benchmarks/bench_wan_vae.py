@@ -95,12 +95,12 @@ def worker_mlx(work: Path, repeats: int) -> dict:
 
     vae = load_wan_vae(work / "mlx")
     z = mx.array(np.load(work / "latents.npy"))
-    mx.eval(vae.decode(z[:, :1], normalize=False))
+    mx.eval(vae.decode(z[:, :1], normalize=False, channels_last=True))
     mx.reset_peak_memory()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        out = vae.decode(z, normalize=False)
+        out = vae.decode(z, normalize=False, channels_last=True)  # latents.npy is (B, T, h, w, 48)
         mx.eval(out)
         best = min(best, time.perf_counter() - t)
     peak = mx.get_peak_memory()

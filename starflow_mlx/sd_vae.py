@@ -21,11 +21,11 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .tiling import tiled_apply
 from .weights import load_model
 
 MODEL_TYPE = "sd-vae"
@@ -294,70 +294,6 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tiling
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
-
-
-def _ramp(length: int, overlap_in: int, overlap_out: int) -> mx.array:
-    """Blend weights along one axis of a tile: positive linear ramps over the overlaps with its neighbours."""
-    pos = mx.arange(length, dtype=mx.float32) + 0.5
-    w = mx.ones((length,), dtype=mx.float32)
-    if overlap_in:
-        w = mx.minimum(w, pos / overlap_in)
-    if overlap_out:
-        w = mx.minimum(w, (length - pos) / overlap_out)
-    return w
-
-
-def tiled_apply(
-    fn: Callable[[mx.array], mx.array], x: mx.array, tile: int, overlap: int, scale: int
-) -> mx.array:
-    """Run ``fn`` on overlapping spatial tiles of channels-last ``x`` and blend the outputs.
-
-    ``fn`` maps a ``(B, h, w, C)`` tile to ``(B, h*scale, w*scale, C')``. Overlapping outputs are averaged with
-    linear ramp weights normalised by their sum, so a purely local ``fn`` gives the untiled result exactly; the
-    VAE's GroupNorm statistics and mid attention are per tile, so a VAE decoded this way differs slightly from the
-    untiled decode (the price of bounded memory).
-    """
-    if tile < 1 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"tiling needs tile >= 1 and 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
-    b, h, w, _ = x.shape
-    if h <= tile and w <= tile:
-        return fn(x)
-    stride = tile - overlap
-    ys, xs = _tile_starts(h, tile, stride), _tile_starts(w, tile, stride)
-    acc, total = None, mx.zeros((1, h * scale, w * scale, 1), dtype=mx.float32)
-    for i, y0 in enumerate(ys):
-        for j, x0 in enumerate(xs):
-            th, tw = min(tile, h - y0), min(tile, w - x0)
-            part = fn(x[:, y0 : y0 + th, x0 : x0 + tw, :])
-            if acc is None:
-                acc = mx.zeros((b, h * scale, w * scale, part.shape[-1]), dtype=mx.float32)
-            # Overlaps with the neighbouring tiles along each axis, in input pixels.
-            oy_in = ys[i - 1] + tile - y0 if i > 0 else 0
-            oy_out = y0 + th - ys[i + 1] if i + 1 < len(ys) else 0
-            ox_in = xs[j - 1] + tile - x0 if j > 0 else 0
-            ox_out = x0 + tw - xs[j + 1] if j + 1 < len(xs) else 0
-            weight = (
-                _ramp(th * scale, oy_in * scale, oy_out * scale)[:, None, None]
-                * _ramp(tw * scale, ox_in * scale, ox_out * scale)[None, :, None]
-            )
-            region = (slice(None), slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale))
-            acc[region] = acc[region] + part.astype(mx.float32) * weight
-            total[region] = total[region] + weight
-            # Evaluate tile by tile so only one tile's activations are alive at a time.
-            mx.eval(acc, total)
-    return (acc / total).astype(part.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The autoencoder
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -456,12 +392,12 @@ class SDVAE(nn.Module):
         z: mx.array,
         *,
         channels_last: bool = False,
-        tile: int | None = None,
+        tile_size: int | None = None,
         tile_overlap: int = 8,
     ) -> mx.array:
         """Images from scaled latents (undoes ``sample``'s scaling). Output is not clamped.
 
-        ``tile`` (in latent pixels, e.g. 64) decodes overlapping tiles one at a time to bound memory for large
+        ``tile_size`` (in latent pixels, e.g. 64) decodes overlapping tiles one at a time to bound memory for large
         images; the seams are blended over ``tile_overlap`` latent pixels. Results then differ slightly from the
         untiled decode (per-tile GroupNorm statistics and attention).
         """
@@ -469,10 +405,10 @@ class SDVAE(nn.Module):
         z = z / self.config.scaling_factor
         if self.config.shift_factor is not None:
             z = z + self.config.shift_factor
-        if tile is None:
+        if tile_size is None:
             x = self.decode_nhwc(z)
         else:
-            x = tiled_apply(self.decode_nhwc, z, tile, tile_overlap, self.config.downsample)
+            x = tiled_apply(self.decode_nhwc, z, tile_size, tile_overlap, self.config.downsample)
         return self._from_nhwc(x, frames, channels_last)
 
     def __call__(self, z: mx.array, **kwargs) -> mx.array:

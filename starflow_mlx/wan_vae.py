@@ -1,9 +1,10 @@
 """The Wan2.2 video VAE (the ``Wan2.2_VAE.pth`` of Wan2.2-TI2V-5B) used by STARFlow-V, in MLX.
 
-Layout: MLX is channels-last. Pixels are ``(B, T, H, W, 3)`` videos or ``(B, H, W, 3)`` images in [-1, 1]; latents
-are ``(B, T', H/16, W/16, z_dim)`` (``(B, H/16, W/16, z_dim)`` for images). Every public method also takes
-``channels_first=True`` for the STARFlow layout: video ``(B, T, C, H, W)``, image ``(B, C, H, W)``, and returns
-latents/pixels in that layout too.
+Layout: every public method takes and returns STARFlow's channels-first tensors by default, as the SD-VAE and the
+flow do: pixels are ``(B, T, 3, H, W)`` videos or ``(B, 3, H, W)`` images in [-1, 1]; latents are
+``(B, T', z_dim, H/16, W/16)`` (``(B, z_dim, H/16, W/16)`` for images). Pass ``channels_last=True`` to use MLX's
+native ``(B, T, H, W, C)`` / ``(B, H, W, C)`` instead and skip the transposes. Internally everything runs
+channels-last.
 
 Time is causal: ``T = 1 + 4k`` frames map to ``1 + k`` latent frames. The encoder runs on frame 0 alone and then on
 groups of 4 frames; the decoder runs one latent frame at a time (the first yields 1 frame, later ones 4). Every
@@ -25,6 +26,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .tiling import blend_tiles, tile_windows
 from .weights import load_model
 
 CACHE_T = 2  # frames of left context each causal conv keeps between chunks
@@ -402,40 +404,8 @@ def unpatchify(x: mx.array, p: int) -> mx.array:
     return x.reshape(B, T, H * p, W * p, C)
 
 
-def _ramp(length: int, overlap: int, before: bool, after: bool) -> mx.array:
-    w = mx.ones((length,))
-    if overlap > 0:
-        up = (mx.arange(overlap, dtype=mx.float32) + 0.5) / overlap
-        if before:
-            w = mx.concatenate([up, w[overlap:]])
-        if after:
-            w = mx.concatenate([w[:-overlap], up[::-1]])
-    return w
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(starts))
-
-
-def blend_tiles(tiles: list[tuple[int, int, mx.array]], height: int, width: int, overlap: int) -> mx.array:
-    """Weighted average of (y0, x0, tile) pieces (..., h, w, C) with linear ramps ``overlap`` pixels wide."""
-    ys = sorted({y for y, _, _ in tiles})
-    xs = sorted({x for _, x, _ in tiles})
-    first = tiles[0][2]
-    out = mx.zeros((*first.shape[:-3], height, width, first.shape[-1]), dtype=mx.float32)
-    norm = mx.zeros((height, width, 1), dtype=mx.float32)
-    for y0, x0, t in tiles:
-        h, w = t.shape[-3], t.shape[-2]
-        wy = _ramp(h, min(overlap, h), y0 != ys[0], y0 != ys[-1])
-        wx = _ramp(w, min(overlap, w), x0 != xs[0], x0 != xs[-1])
-        weight = (wy[:, None] * wx[None, :])[:, :, None]
-        out[..., y0 : y0 + h, x0 : x0 + w, :] += t.astype(mx.float32) * weight
-        norm[y0 : y0 + h, x0 : x0 + w, :] += weight
-    return (out / norm).astype(first.dtype)
+def _layout(channels_last: bool) -> str:
+    return "(B, T, H, W, C) or (B, H, W, C)" if channels_last else "(B, T, C, H, W) or (B, C, H, W)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,21 +432,25 @@ class WanVAE(nn.Module):
         return self.quant_conv.weight.dtype
 
     @staticmethod
-    def _to_clip(x: mx.array, channels_first: bool, what: str) -> tuple[mx.array, bool]:
+    def _to_clip(x: mx.array, channels_last: bool, what: str) -> tuple[mx.array, bool]:
         """Any accepted input -> (B, T, H, W, C) and whether it was a video."""
         if x.ndim == 5:
-            return (x.transpose(0, 1, 3, 4, 2) if channels_first else x), True
+            return (x if channels_last else x.transpose(0, 1, 3, 4, 2)), True
         if x.ndim == 4:
-            return (x.transpose(0, 2, 3, 1) if channels_first else x)[:, None], False
-        layout = "(B, T, C, H, W) or (B, C, H, W)" if channels_first else "(B, T, H, W, C) or (B, H, W, C)"
-        raise ValueError(f"{what} must be {layout}, got shape {list(x.shape)}")
+            return (x if channels_last else x.transpose(0, 2, 3, 1))[:, None], False
+        raise ValueError(f"{what} must be {_layout(channels_last)}, got shape {list(x.shape)}")
 
     @staticmethod
-    def _from_clip(x: mx.array, video: bool, channels_first: bool) -> mx.array:
+    def _from_clip(x: mx.array, video: bool, channels_last: bool) -> mx.array:
         if not video:
             x = x[:, 0]
-            return x.transpose(0, 3, 1, 2) if channels_first else x
-        return x.transpose(0, 1, 4, 2, 3) if channels_first else x
+            return x if channels_last else x.transpose(0, 3, 1, 2)
+        return x if channels_last else x.transpose(0, 1, 4, 2, 3)
+
+    def _check_z_dim(self, z: mx.array, latents: mx.array, channels_last: bool) -> None:
+        if z.shape[-1] != self.config.z_dim:
+            raise ValueError(f"latents have {z.shape[-1]} channels, expected z_dim = {self.config.z_dim} "
+                             f"(shape {list(latents.shape)}, read as {_layout(channels_last)})")
 
     def _temporal(self, z: mx.array, video: bool, temporal_scale: Optional[float], inverse: bool) -> mx.array:
         s = self.config.temporal_scale if temporal_scale is None else temporal_scale
@@ -487,12 +461,13 @@ class WanVAE(nn.Module):
 
     # -- encoder ------------------------------------------------------------------------------------------------
 
-    def _moments(self, video: mx.array, channels_first: bool) -> tuple[mx.array, mx.array, bool]:
-        x, is_video = self._to_clip(video, channels_first, "video")
+    def _moments(self, video: mx.array, channels_last: bool) -> tuple[mx.array, mx.array, bool]:
+        x, is_video = self._to_clip(video, channels_last, "video")
         cfg = self.config
         B, T, H, W, C = x.shape
         if C != cfg.image_channels:
-            raise ValueError(f"expected {cfg.image_channels} colour channels, got shape {list(video.shape)}")
+            raise ValueError(f"expected {cfg.image_channels} colour channels, got shape {list(video.shape)} "
+                             f"(read as {_layout(channels_last)})")
         f = cfg.spatial_factor
         if H % f or W % f:
             raise ValueError(f"height and width must be multiples of {f}, got {H}x{W}")
@@ -512,72 +487,67 @@ class WanVAE(nn.Module):
 
     def encode(
         self, video: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
-        channels_first: bool = False,
+        channels_last: bool = False,
     ) -> tuple[mx.array, mx.array]:
-        """(mean, logvar) of the posterior, float32.
+        """(mean, logvar) of the posterior, float32, in the input's layout (channels-first unless ``channels_last``).
 
         ``mean`` is the latent the flow sees at ε = 0: ``(mu - mean)·(1/std)``, frames >= 1 times the temporal scale
         (videos only). ``logvar`` is Wan's raw log-variance (neither rescaled by std nor by the temporal scale).
         ``normalize=False`` returns Wan's raw ``mu`` instead.
         """
-        mu, logvar, is_video = self._moments(video, channels_first)
+        mu, logvar, is_video = self._moments(video, channels_last)
         if normalize:
             mu = self._temporal((mu - self._mean) * self._inv_std, is_video, temporal_scale, inverse=False)
-        return self._from_clip(mu, is_video, channels_first), self._from_clip(logvar, is_video, channels_first)
+        return self._from_clip(mu, is_video, channels_last), self._from_clip(logvar, is_video, channels_last)
 
     def sample(
         self, video: mx.array, key: Optional[mx.array] = None, *, noise: Optional[mx.array] = None,
-        temporal_scale: Optional[float] = None, channels_first: bool = False,
+        temporal_scale: Optional[float] = None, channels_last: bool = False,
     ) -> mx.array:
         """STARFlow's stochastic latent: ``ts ⊙ ((mu - mean)/std + exp(0.5·clamp(logvar, -30, 20))·ε)``.
 
-        ``noise`` (the ε, in the latent layout) makes it reproducible; otherwise ε ~ N(0, 1) from ``key``.
+        ``noise`` (the ε, shaped like the latent in the same layout) makes it reproducible; otherwise ε ~ N(0, 1)
+        from ``key``. The latent is channels-first (B, T', z_dim, h, w) unless ``channels_last``.
         """
-        mu, logvar, is_video = self._moments(video, channels_first)
+        mu, logvar, is_video = self._moments(video, channels_last)
         mu = (mu - self._mean) * self._inv_std
         if noise is None:
             eps = mx.random.normal(mu.shape, key=key)
         else:
-            eps, _ = self._to_clip(noise, channels_first, "noise")
+            eps, _ = self._to_clip(noise, channels_last, "noise")
             if eps.shape != mu.shape:
-                expected = list(self._from_clip(mu, is_video, channels_first).shape)
+                expected = list(self._from_clip(mu, is_video, channels_last).shape)
                 raise ValueError(f"noise has shape {list(noise.shape)}, expected {expected}")
             eps = eps.astype(mx.float32)
         z = mu + mx.exp(0.5 * mx.clip(logvar, -30.0, 20.0)) * eps
         z = self._temporal(z, is_video, temporal_scale, inverse=False)
-        return self._from_clip(z, is_video, channels_first)
+        return self._from_clip(z, is_video, channels_last)
 
     # -- decoder ------------------------------------------------------------------------------------------------
 
     def decode_frames(
         self, latents: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
-        channels_first: bool = False, tile_size: Optional[int] = None, tile_overlap: int = 4,
+        channels_last: bool = False, tile_size: Optional[int] = None, tile_overlap: int = 4,
     ) -> Iterator[mx.array]:
         """Decode latent frame by latent frame, yielding evaluated pixel chunks as they are ready.
 
-        The first latent frame gives 1 frame, each later one ``temporal_factor`` (4) frames, each chunk shaped
-        (B, n, H, W, 3) (or (B, n, 3, H, W)). Memory is bounded by one chunk, not the clip. ``tile_size`` (in
+        The latents are (B, T', z_dim, h, w) (or (B, T', h, w, z_dim) with ``channels_last``). The first latent
+        frame gives 1 frame, each later one ``temporal_factor`` (4) frames, each chunk shaped (B, n, 3, H, W) (or
+        (B, n, H, W, 3) with ``channels_last``). Memory is bounded by one chunk, not the clip. ``tile_size`` (in
         latent pixels) decodes spatial tiles of that size overlapping by ``tile_overlap`` latent pixels, blended
         linearly (an approximation: tiles do not see each other's context).
         """
-        z, is_video = self._to_clip(latents, channels_first, "latents")
+        z, is_video = self._to_clip(latents, channels_last, "latents")
         if not is_video:
             raise ValueError(f"decode_frames expects video latents (5-D), got shape {list(latents.shape)}; use decode")
+        self._check_z_dim(z, latents, channels_last)
         cfg = self.config
-        if z.shape[-1] != cfg.z_dim:
-            raise ValueError(f"latents have {z.shape[-1]} channels, expected z_dim = {cfg.z_dim} (shape {list(latents.shape)})")
         z = z.astype(mx.float32)
         if normalize:
             z = self._temporal(z, True, temporal_scale, inverse=True)
             z = z / self._inv_std + self._mean  # division by the reciprocal, as in the reference
         B, T, h, w, _ = z.shape
-        if tile_size is None or (h <= tile_size and w <= tile_size):
-            windows = [(0, 0, h, w)]
-        else:
-            if not 0 <= tile_overlap < tile_size:
-                raise ValueError(f"tile_overlap must be in [0, tile_size), got {tile_overlap} for tile_size {tile_size}")
-            windows = [(y, x, min(tile_size, h), min(tile_size, w))
-                       for y in _tile_starts(h, tile_size, tile_overlap) for x in _tile_starts(w, tile_size, tile_overlap)]
+        windows = [(0, 0, h, w)] if tile_size is None else tile_windows(h, w, tile_size, tile_overlap)
         caches = [_TimeCache() for _ in windows]
         f = cfg.spatial_factor
         for i in range(T):
@@ -588,16 +558,21 @@ class WanVAE(nn.Module):
                 out = unpatchify(self.decoder(zi, cache, first_chunk=i == 0), cfg.patch_size)
                 mx.eval(out, cache.arrays())
                 pieces.append((y0 * f, x0 * f, out))
-            out = pieces[0][2] if len(pieces) == 1 else blend_tiles(pieces, h * f, w * f, tile_overlap * f)
+            out = blend_tiles(pieces, h * f, w * f)
             mx.eval(out)
-            yield out.transpose(0, 1, 4, 2, 3) if channels_first else out
+            yield out if channels_last else out.transpose(0, 1, 4, 2, 3)
 
-    def decode(self, latents: mx.array, *, channels_first: bool = False, **kwargs) -> mx.array:
-        """Whole-clip decode (the concatenation of ``decode_frames``); 4-D image latents give images. No clamp."""
-        z, is_video = self._to_clip(latents, channels_first, "latents")
-        chunks = list(self.decode_frames(z, **kwargs))
+    def decode(self, latents: mx.array, *, channels_last: bool = False, **kwargs) -> mx.array:
+        """Whole-clip decode (the concatenation of ``decode_frames``); 4-D image latents give images. No clamp.
+
+        Pixels come back in the latents' layout: (B, T, 3, H, W) / (B, 3, H, W), or channels-last with
+        ``channels_last``.
+        """
+        z, is_video = self._to_clip(latents, channels_last, "latents")
+        self._check_z_dim(z, latents, channels_last)  # here, so the error names the caller's shape and layout
+        chunks = list(self.decode_frames(z, channels_last=True, **kwargs))
         x = mx.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
-        return self._from_clip(x, is_video, channels_first)
+        return self._from_clip(x, is_video, channels_last)
 
 
 def load_wan_vae(folder: str | Path, dtype: Optional[mx.Dtype] = None) -> WanVAE:

@@ -15,7 +15,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from convert.sd_vae import convert_sd_vae  # noqa: E402
 from starflow_mlx import cli  # noqa: E402
-from starflow_mlx.sd_vae import SDVAE, GroupNorm, SDVAEConfig, load_sd_vae, tiled_apply  # noqa: E402
+from starflow_mlx.sd_vae import SDVAE, GroupNorm, SDVAEConfig, load_sd_vae  # noqa: E402
 from starflow_mlx.weights import CheckpointError, read_model_folder  # noqa: E402
 
 TINY = dict(
@@ -253,29 +253,12 @@ def test_round_trip_shapes_and_layouts():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_tiled_apply_is_exact_for_local_functions():
-    x = mx.random.normal((2, 21, 13, 3), key=mx.random.key(0))
-
-    def local(t):  # nearest x4 upsampling then a pointwise map: tiling must not change it at all
-        b, h, w, c = t.shape
-        up = mx.broadcast_to(t[:, :, None, :, None, :], (b, h, 4, w, 4, c)).reshape(b, 4 * h, 4 * w, c)
-        return mx.tanh(up) * 2 + 1
-
-    want = local(x)
-    for tile, overlap in [(8, 2), (5, 4), (7, 0), (16, 3)]:
-        got = tiled_apply(local, x, tile, overlap, 4)
-        assert got.shape == want.shape
-        assert float(mx.abs(got - want).max()) < 1e-6, (tile, overlap)
-    with pytest.raises(ValueError, match="overlap"):
-        tiled_apply(local, x, 4, 4, 4)
-
-
 def test_tiled_decode(tiny):
     vae = load_sd_vae(tiny["mlx"])
     z = mx.array(tiny["z"]) * 0.18215
     full = vae.decode(z)
-    assert mx.array_equal(vae.decode(z, tile=16), full)  # one tile covers the latent: identical
-    tiled = vae.decode(z, tile=8, tile_overlap=4)
+    assert mx.array_equal(vae.decode(z, tile_size=16), full)  # one tile covers the latent: identical
+    tiled = vae.decode(z, tile_size=8, tile_overlap=4)
     assert tiled.shape == full.shape and bool(mx.isfinite(tiled).all())
 
 

@@ -26,7 +26,6 @@ from starflow_mlx.wan_vae import (  # noqa: E402
     WAN22_LATENTS_STD,
     WanVAE,
     WanVAEConfig,
-    blend_tiles,
     load_wan_vae,
 )
 from starflow_mlx.weights import CheckpointError, read_config, sha256_file  # noqa: E402
@@ -44,13 +43,13 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+def to_starflow(x: "torch.Tensor") -> np.ndarray:
+    """torch (B, C, T, H, W) -> STARFlow's (B, T, C, H, W), the WanVAE default layout."""
+    return x.permute(0, 2, 1, 3, 4).numpy()
+
+
 def to_mlx_video(x: "torch.Tensor") -> mx.array:
-    """torch (B, C, T, H, W) -> MLX (B, T, H, W, C)."""
-    return mx.array(x.permute(0, 2, 3, 4, 1).numpy())
-
-
-def to_channels_last(x: "torch.Tensor") -> np.ndarray:
-    return x.permute(0, 2, 3, 4, 1).numpy()
+    return mx.array(to_starflow(x))
 
 
 @pytest.fixture(scope="module")
@@ -281,19 +280,19 @@ def test_encode_decode_parity(ref, folders, source):
     video = random_video(5)
     mu_ref, logvar_ref = ref_encode(ref, video)
     mu, logvar = ours.encode(to_mlx_video(video), normalize=False)
-    assert mu.shape == (1, 2, 2, 2, 48)
-    assert rel_err(mu, to_channels_last(mu_ref)) <= TOL
-    assert rel_err(logvar, to_channels_last(logvar_ref)) <= TOL
+    assert mu.shape == (1, 2, 48, 2, 2)
+    assert rel_err(mu, to_starflow(mu_ref)) <= TOL
+    assert rel_err(logvar, to_starflow(logvar_ref)) <= TOL
 
     rec_ref = ref_decode_unclamped(ref, mu_ref)
-    rec = ours.decode(mx.array(to_channels_last(mu_ref)), normalize=False)
-    assert rec.shape == (1, 5, 32, 32, 3)
-    assert float(np.abs(to_channels_last(rec_ref)).max()) > 0.5  # a non-degenerate output scale
-    assert rel_err(rec, to_channels_last(rec_ref)) <= TOL
+    rec = ours.decode(mx.array(to_starflow(mu_ref)), normalize=False)
+    assert rec.shape == (1, 5, 3, 32, 32)
+    assert float(np.abs(to_starflow(rec_ref)).max()) > 0.5  # a non-degenerate output scale
+    assert rel_err(rec, to_starflow(rec_ref)) <= TOL
     # diffusers' public decode clamps to [-1, 1]; ours does not (the STARFlow saver clamps)
     with torch.no_grad():
         clamped = ref.decode(mu_ref).sample
-    assert rel_err(mx.clip(rec, -1, 1), to_channels_last(clamped)) <= TOL
+    assert rel_err(mx.clip(rec, -1, 1), to_starflow(clamped)) <= TOL
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -302,21 +301,21 @@ def test_frame_counts_and_parity(ref, model, k):
     video = random_video(frames, h=16, w=32, seed=10 + k)
     mu_ref, _ = ref_encode(ref, video)
     mu, _ = model.encode(to_mlx_video(video), normalize=False)
-    assert mu.shape == (1, 1 + k, 1, 2, 48)
-    assert rel_err(mu, to_channels_last(mu_ref)) <= TOL
+    assert mu.shape == (1, 1 + k, 48, 1, 2)
+    assert rel_err(mu, to_starflow(mu_ref)) <= TOL
     rec = model.decode(mu, normalize=False)
-    assert rec.shape == (1, frames, 16, 32, 3)
-    assert rel_err(rec, to_channels_last(ref_decode_unclamped(ref, mu_ref))) <= TOL
+    assert rec.shape == (1, frames, 3, 16, 32)
+    assert rel_err(rec, to_starflow(ref_decode_unclamped(ref, mu_ref))) <= TOL
 
 
 def test_decode_frames_streams_and_equals_whole_clip(model):
-    z = mx.random.normal((1, 3, 2, 2, 48), key=mx.random.key(3))
+    z = mx.random.normal((1, 3, 48, 2, 2), key=mx.random.key(3))
     gen = model.decode_frames(z)
     assert inspect.isgenerator(gen)
     chunks = list(gen)
-    assert [c.shape[1] for c in chunks] == [1, 4, 4]
+    assert [c.shape for c in chunks] == [(1, 1, 3, 32, 32), (1, 4, 3, 32, 32), (1, 4, 3, 32, 32)]
     whole = model.decode(z)
-    assert whole.shape == (1, 9, 32, 32, 3)
+    assert whole.shape == (1, 9, 3, 32, 32)
     assert mx.array_equal(mx.concatenate(chunks, axis=1), whole)
     # the stream is causal: frames from the first two latent frames do not depend on the third
     prefix = mx.concatenate(list(model.decode_frames(z[:, :2])), axis=1)
@@ -326,18 +325,20 @@ def test_decode_frames_streams_and_equals_whole_clip(model):
 def test_latent_normalisation_and_temporal_scale(ref, model):
     video = random_video(9, seed=4)
     mu_ref, logvar_ref = ref_encode(ref, video)
-    raw = to_channels_last(mu_ref).astype(np.float64)
-    mean, inv_std = np.array(WAN22_LATENTS_MEAN), 1.0 / np.array(WAN22_LATENTS_STD)
+    raw = to_starflow(mu_ref).astype(np.float64)
+    # per-channel statistics broadcast over the channel axis (2) of (B, T, C, h, w)
+    mean = np.array(WAN22_LATENTS_MEAN)[:, None, None]
+    inv_std = 1.0 / np.array(WAN22_LATENTS_STD)[:, None, None]
     expected = (raw - mean) * inv_std
     expected[:, 1:] *= TS
     z, logvar = model.encode(to_mlx_video(video))
-    assert z.shape == (1, 3, 2, 2, 48)
+    assert z.shape == (1, 3, 48, 2, 2)
     assert rel_err(z, expected) <= TOL
-    assert rel_err(logvar, to_channels_last(logvar_ref)) <= TOL  # logvar is not rescaled
+    assert rel_err(logvar, to_starflow(logvar_ref)) <= TOL  # logvar is not rescaled
 
     # sample with a given ε follows STARFlow's formula; the temporal scale also scales the noise term
     eps = np.random.default_rng(0).standard_normal(z.shape)
-    lv = to_channels_last(logvar_ref).astype(np.float64)
+    lv = to_starflow(logvar_ref).astype(np.float64)
     want = (raw - mean) * inv_std + np.exp(0.5 * np.clip(lv, -30, 20)) * eps
     want[:, 1:] *= TS
     assert rel_err(model.sample(to_mlx_video(video), noise=mx.array(eps.astype(np.float32))), want) <= TOL
@@ -347,45 +348,87 @@ def test_latent_normalisation_and_temporal_scale(ref, model):
 
     # decode undoes both: decode(z) == Wan decode of the raw latent
     rec = model.decode(z)
-    assert rel_err(rec, to_channels_last(ref_decode_unclamped(ref, mu_ref))) <= TOL
+    assert rel_err(rec, to_starflow(ref_decode_unclamped(ref, mu_ref))) <= TOL
     # and a different temporal scale gives a different decode of frames >= 1 only
     other = model.decode(z, temporal_scale=1.0)
     assert mx.allclose(other[:, :1], rec[:, :1], atol=1e-6) and not mx.allclose(other[:, 1:], rec[:, 1:], atol=1e-3)
 
 
-def test_channels_first_and_image_path(model):
-    video = mx.random.uniform(-1, 1, (2, 5, 32, 16, 3), key=mx.random.key(5))
+def test_layout_parameter_matches_sd_vae():
+    from starflow_mlx.sd_vae import SDVAE
+
+    for method in (WanVAE.encode, WanVAE.sample, WanVAE.decode, WanVAE.decode_frames):
+        params = inspect.signature(method).parameters
+        assert [n for n in params if n.startswith("channels")] == ["channels_last"], method.__name__
+        p = params["channels_last"]
+        assert p.default is False and p.kind is inspect.Parameter.KEYWORD_ONLY, method.__name__
+    for method in (SDVAE.encode, SDVAE.sample, SDVAE.decode):
+        assert inspect.signature(method).parameters["channels_last"].default is False
+
+
+def test_default_layout_vs_channels_last_and_image_path(model):
+    video_cl = mx.random.uniform(-1, 1, (2, 5, 32, 16, 3), key=mx.random.key(5))
+    video = video_cl.transpose(0, 1, 4, 2, 3)  # STARFlow's (B, T, C, H, W), the default
     z, lv = model.encode(video)
-    zc, lvc = model.encode(video.transpose(0, 1, 4, 2, 3), channels_first=True)
-    assert zc.shape == (2, 2, 48, 2, 1)
-    assert mx.allclose(zc, z.transpose(0, 1, 4, 2, 3), atol=1e-6)
-    rc = model.decode(zc, channels_first=True)
-    assert rc.shape == (2, 5, 3, 32, 16)
-    assert mx.allclose(rc, model.decode(z).transpose(0, 1, 4, 2, 3), atol=1e-5)
+    assert z.shape == lv.shape == (2, 2, 48, 2, 1)
+    zl, lvl = model.encode(video_cl, channels_last=True)
+    assert zl.shape == lvl.shape == (2, 2, 2, 1, 48)
+    assert mx.allclose(z, zl.transpose(0, 1, 4, 2, 3), atol=1e-6)
+    assert mx.allclose(lv, lvl.transpose(0, 1, 4, 2, 3), atol=1e-6)
+    r = model.decode(z)
+    assert r.shape == (2, 5, 3, 32, 16)
+    rl = model.decode(zl, channels_last=True)
+    assert rl.shape == (2, 5, 32, 16, 3)
+    assert mx.allclose(r, rl.transpose(0, 1, 4, 2, 3), atol=1e-5)
+    first = next(model.decode_frames(zl, channels_last=True))
+    assert first.shape == (2, 1, 32, 16, 3) and mx.allclose(first, rl[:, :1], atol=1e-6)
+    # sample's noise is read in the same layout as the latent
+    eps = mx.random.normal(z.shape, key=mx.random.key(6))
+    s = model.sample(video, noise=eps)
+    sl = model.sample(video_cl, noise=eps.transpose(0, 1, 3, 4, 2), channels_last=True)
+    assert s.shape == z.shape and sl.shape == zl.shape
+    assert mx.allclose(s, sl.transpose(0, 1, 4, 2, 3), atol=1e-6) and not mx.allclose(s, z, atol=1e-3)
 
     # images: a 1-frame clip, no temporal scale (frame 0 is never scaled)
     image = video[:, 0]
     zi, _ = model.encode(image)
-    assert zi.shape == (2, 2, 1, 48)
+    assert zi.shape == (2, 48, 2, 1)
     assert mx.allclose(zi, model.encode(video[:, :1])[0][:, 0], atol=1e-6)
     assert mx.allclose(zi, z[:, 0], atol=1e-5)  # causal: frame 0's latent ignores later frames
     img = model.decode(zi)
-    assert img.shape == (2, 32, 16, 3)
-    zi_cf, _ = model.encode(image.transpose(0, 3, 1, 2), channels_first=True)
-    assert model.decode(zi_cf, channels_first=True).shape == (2, 3, 32, 16)
+    assert img.shape == (2, 3, 32, 16)
+    zi_cl, _ = model.encode(video_cl[:, 0], channels_last=True)
+    assert zi_cl.shape == (2, 2, 1, 48) and mx.allclose(zi_cl, zi.transpose(0, 2, 3, 1), atol=1e-6)
+    img_cl = model.decode(zi_cl, channels_last=True)
+    assert img_cl.shape == (2, 32, 16, 3) and mx.allclose(img_cl, img.transpose(0, 2, 3, 1), atol=1e-5)
 
 
 def test_bad_inputs(model):
     with pytest.raises(ValueError, match=r"1 \+ 4·k frames.*got 4"):
-        model.encode(mx.zeros((1, 4, 32, 32, 3)))
+        model.encode(mx.zeros((1, 4, 3, 32, 32)))
     with pytest.raises(ValueError, match="multiples of 16, got 24x32"):
-        model.encode(mx.zeros((1, 1, 24, 32, 3)))
+        model.encode(mx.zeros((1, 1, 3, 24, 32)))
     with pytest.raises(ValueError, match="colour channels"):
-        model.encode(mx.zeros((1, 1, 32, 32, 4)))
-    with pytest.raises(ValueError, match="expected z_dim = 48"):
-        model.decode(mx.zeros((1, 1, 2, 2, 16)))
-    with pytest.raises(ValueError, match=r"noise has shape \[1, 1, 2, 2, 3\]"):
-        model.sample(mx.zeros((1, 1, 32, 32, 3)), noise=mx.zeros((1, 1, 2, 2, 3)))
+        model.encode(mx.zeros((1, 1, 4, 32, 32)))
+    # a channels-last clip without channels_last=True: the error names the layout it was read as
+    with pytest.raises(ValueError, match=r"expected 3 colour channels, got shape \[1, 1, 32, 32, 3\] "
+                       r"\(read as \(B, T, C, H, W\) or \(B, C, H, W\)\)"):
+        model.encode(mx.zeros((1, 1, 32, 32, 3)))
+    first, last = r"\(B, T, C, H, W\) or \(B, C, H, W\)", r"\(B, T, H, W, C\) or \(B, H, W, C\)"
+    with pytest.raises(ValueError, match=rf"video must be {first}, got shape \[3, 32, 32\]"):
+        model.encode(mx.zeros((3, 32, 32)))
+    with pytest.raises(ValueError, match=rf"video must be {last}, got shape \[3, 32, 32\]"):
+        model.encode(mx.zeros((3, 32, 32)), channels_last=True)
+    with pytest.raises(ValueError, match=rf"expected z_dim = 48 \(shape \[1, 1, 16, 2, 2\], read as {first}\)"):
+        model.decode(mx.zeros((1, 1, 16, 2, 2)))
+    with pytest.raises(ValueError, match=rf"expected z_dim = 48 \(shape \[1, 1, 2, 2, 16\], read as {last}\)"):
+        model.decode(mx.zeros((1, 1, 2, 2, 16)), channels_last=True)
+    with pytest.raises(ValueError, match=rf"z_dim = 48 \(shape \[1, 1, 16, 2, 2\], read as {first}\)"):
+        next(model.decode_frames(mx.zeros((1, 1, 16, 2, 2))))
+    with pytest.raises(ValueError, match=r"noise has shape \[1, 1, 3, 2, 2\], expected \[1, 1, 48, 2, 2\]"):
+        model.sample(mx.zeros((1, 1, 3, 32, 32)), noise=mx.zeros((1, 1, 3, 2, 2)))
+    with pytest.raises(ValueError, match=r"noise has shape \[1, 1, 2, 2, 3\], expected \[1, 1, 2, 2, 48\]"):
+        model.sample(mx.zeros((1, 1, 32, 32, 3)), noise=mx.zeros((1, 1, 2, 2, 3)), channels_last=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,18 +436,12 @@ def test_bad_inputs(model):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_blend_tiles_reconstructs_consistent_tiles():
-    canvas = mx.random.normal((1, 2, 40, 56, 3), key=mx.random.key(0))
-    tiles = [(y, x, canvas[:, :, y : y + 24, x : x + 24]) for y in (0, 16) for x in (0, 16, 32)]
-    assert mx.allclose(blend_tiles(tiles, 40, 56, overlap=8), canvas, atol=1e-6)
-
-
 def test_tiled_decode(model):
-    z = mx.random.normal((1, 2, 3, 4, 48), key=mx.random.key(9))
+    z = mx.random.normal((1, 2, 48, 3, 4), key=mx.random.key(9))
     plain = model.decode(z)
     assert mx.array_equal(model.decode(z, tile_size=4), plain)  # one tile covers everything: identical
     tiled = model.decode(z, tile_size=2, tile_overlap=1)
-    assert tiled.shape == plain.shape == (1, 5, 48, 64, 3)
+    assert tiled.shape == plain.shape == (1, 5, 3, 48, 64)
     assert bool(mx.all(mx.isfinite(tiled)))
     # tiles only see their own context, so the blend approximates the plain decode but is not equal to it
     diff = float(mx.abs(tiled - plain).max())
