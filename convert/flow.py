@@ -21,7 +21,7 @@ from starflow_mlx.weights import (
     parse_dtype,
     quantize_model,
     read_state_dict,
-    sha256_file,
+    provenance,
     write_model_folder,
 )
 
@@ -86,11 +86,7 @@ def convert_flow(
         "model_type": "starflow",
         "flow": config.to_dict(),
         "dtype": dtype,
-        "source": {
-            "checkpoint": checkpoint.name,
-            "checkpoint_sha256": sha256_file(checkpoint),
-            "config": config_yaml.name,
-        },
+        "source": provenance([checkpoint], config=config_yaml.name),
         "converter_version": CONVERTER_VERSION,
     }
     if quantization:

@@ -33,11 +33,11 @@ from starflow_mlx.weights import (
     check_state_dict,
     parse_dtype,
     read_state_dict,
-    sha256_file,
+    provenance,
     write_model_folder,
 )
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = "1"
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
@@ -189,8 +189,7 @@ def convert_sd_vae(
         **cfg.to_dict(),
         "downsample": cfg.downsample,
         "dtype": dtype,
-        "source_file": weights_path.name,
-        "source_sha256": sha256_file(weights_path),
+        "source": provenance([weights_path]),
     }
     return write_model_folder(out_dir, record, dict(sorted(weights.items())), overwrite=overwrite)
 

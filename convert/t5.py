@@ -35,7 +35,7 @@ from starflow_mlx.weights import (
     parse_dtype,
     quantize_model,
     read_state_dict,
-    sha256_file,
+    provenance,
     write_model_folder,
 )
 
@@ -248,10 +248,7 @@ def convert_t5(
         **config.to_dict(),
         "dtype": dtype,
         "tokenizer": {"extra_ids": extra_ids, "files": sorted(tokenizer_files)},
-        "source": {
-            "name_or_path": hf.get("_name_or_path", ""),
-            "files": {path.name: sha256_file(path) for path in files},
-        },
+        "source": provenance(files, name_or_path=hf.get("_name_or_path", "")),
         "converter_version": CONVERTER_VERSION,
     }
     if quantization:

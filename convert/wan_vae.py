@@ -31,11 +31,11 @@ from starflow_mlx.weights import (
     check_state_dict,
     parse_dtype,
     read_state_dict,
-    sha256_file,
+    provenance,
     write_model_folder,
 )
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = "1"
 log = logging.getLogger("starflow_mlx")
 
 
@@ -254,15 +254,14 @@ def convert_wan_vae(
         for f in files:
             sd.update(read_state_dict(f))
         source_format, naming = "diffusers", ours_to_diffusers
-        digest = {f.name: sha256_file(f) for f in files}
-        sha = digest[files[0].name] if len(files) == 1 else digest
+        sources = files
     elif src.is_file():
         sd = read_state_dict(src)
         arch = dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal_downsample)
         cfg = _config_from_original(sd, src, latents_mean, latents_std, arch)
         source_format = "wan"
         naming = lambda k: diffusers_to_original(ours_to_diffusers(k), cfg.num_res_blocks)  # noqa: E731
-        sha = sha256_file(src)
+        sources = [src]
     else:
         raise CheckpointError(f"{src}: no such file or folder")
     cfg.temporal_scale = float(temporal_scale)
@@ -275,8 +274,7 @@ def convert_wan_vae(
     weights = cast_floating(weights, target)
 
     config = cfg.to_dict()
-    config.update(dtype=dtype, source=src.name, source_format=source_format, source_sha256=sha,
-                  converter_version=CONVERTER_VERSION)
+    config.update(dtype=dtype, source=provenance(sources, format=source_format), converter_version=CONVERTER_VERSION)
     write_model_folder(out_dir, config, weights, overwrite=overwrite)
     log.info("wrote %s (%d tensors, %s, from %s layout)", out_dir, len(weights), dtype, source_format)
     return out_dir

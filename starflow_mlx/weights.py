@@ -422,6 +422,11 @@ def parse_dtype(name: str) -> mx.Dtype:
     return DTYPES[name]
 
 
+def provenance(files, **extra) -> dict:
+    """The ``source`` block every converter records: each source file's sha256, plus converter-specific fields."""
+    return {"files": {Path(f).name: sha256_file(f) for f in files}, **extra}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     import hashlib
 

@@ -26,7 +26,8 @@ def test_folder_layout_and_metadata(tiny_video):
     meta = json.loads((folder / "config.json").read_text())
     import hashlib
 
-    assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta["source"] == {"files": {"model.pth": hashlib.sha256(ckpt.read_bytes()).hexdigest()},
+                              "config": "config.yaml"}
     assert meta["model_type"] == "starflow" and meta["converter_version"] and meta["dtype"] == "float32"
     assert meta["flow"]["top_block_channels"] == 96 and meta["flow"]["layers_per_block"] == [1, 1, 1, 1, 1, 2]
     weights = read_model_folder(folder)

@@ -164,11 +164,11 @@ def test_starflow_sequential_prefixes(tiny, tmp_path):
 def test_folder_config_records_source(tiny):
     cfg = json.loads((tiny["mlx"] / "config.json").read_text())
     assert cfg["model_type"] == "sd-vae"
-    assert cfg["converter_version"] == 1
+    assert cfg["converter_version"] == "1"
     assert cfg["dtype"] == "float32"
     assert cfg["block_out_channels"] == [32, 64] and cfg["norm_num_groups"] == 8 and cfg["downsample"] == 2
-    assert cfg["source_file"] == "diffusion_pytorch_model.safetensors"
-    assert len(cfg["source_sha256"]) == 64
+    assert list(cfg["source"]["files"]) == ["diffusion_pytorch_model.safetensors"]
+    assert len(cfg["source"]["files"]["diffusion_pytorch_model.safetensors"]) == 64
     weights = read_model_folder(tiny["mlx"])
     # Conv kernels are stored channels-last for MLX; attention linears stay [out, in].
     assert weights["encoder.conv_in.weight"].shape == (32, 3, 3, 3)

@@ -161,8 +161,8 @@ def test_config_json(folders):
     for name, src in (("mlx_wan", "Wan2.2_VAE.pth"), ("mlx_diffusers", "diffusers/diffusion_pytorch_model.safetensors")):
         cfg = read_config(folders / name)
         assert cfg["model_type"] == "wan2.2-vae"
-        assert cfg["converter_version"] == 1
-        assert cfg["source_sha256"] == sha256_file(folders / src)
+        assert cfg["converter_version"] == "1"
+        assert cfg["source"]["files"] == {src.split("/")[-1]: sha256_file(folders / src)}
         assert (cfg["base_dim"], cfg["decoder_base_dim"], cfg["z_dim"]) == (16, 24, 48)
         assert cfg["dim_mult"] == [1, 2, 4, 4] and cfg["temporal_downsample"] == [False, True, True]
         assert cfg["temporal_scale"] == 0.6 and cfg["dtype"] == "float32"
@@ -262,7 +262,7 @@ def test_cli(folders, tmp_path):
     out = tmp_path / "cli_out"
     assert cli_main(["convert", "wan-vae", str(folders / "Wan2.2_VAE.pth"), str(out), "--dtype", "bfloat16"]) == 0
     cfg = read_config(out)
-    assert cfg["dtype"] == "bfloat16" and cfg["source_format"] == "wan"
+    assert cfg["dtype"] == "bfloat16" and cfg["source"]["format"] == "wan"
     assert load_wan_vae(out).dtype == mx.bfloat16
     assert cli_main(["convert", "wan-vae", str(folders / "Wan2.2_VAE.pth"), str(out)]) == 2  # exists
     assert cli_main(["convert", "wan-vae", str(folders / "nope.pth"), str(tmp_path / "x")]) == 2
