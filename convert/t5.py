@@ -57,55 +57,44 @@ _HF_OPTIONAL = {
 }
 _HF_REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
-_RENAMES = [
-    (
-        re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight$"),
-        r"layers.\1.attention.\2.weight",
-    ),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$"), r"layers.\1.attention_norm.weight"),
-    (
-        re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wi|wo)\.weight$"),
-        r"layers.\1.ffn.\2.weight",
-    ),
-    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$"), r"layers.\1.ffn_norm.weight"),
-    (
-        re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$"),
-        "relative_attention_bias.weight",
-    ),
-    (re.compile(r"^encoder\.embed_tokens\.weight$"), "embed_tokens.weight"),
-    (re.compile(r"^encoder\.final_layer_norm\.weight$"), "final_layer_norm.weight"),
+# (Hugging Face name, our name); {i} is a layer index, {w} an attention projection, {f} a feed-forward matrix.
+_NAMES = [
+    ("encoder.block.{i}.layer.0.SelfAttention.{w}.weight", "layers.{i}.attention.{w}.weight"),
+    ("encoder.block.{i}.layer.0.layer_norm.weight", "layers.{i}.attention_norm.weight"),
+    ("encoder.block.{i}.layer.1.DenseReluDense.{f}.weight", "layers.{i}.ffn.{f}.weight"),
+    ("encoder.block.{i}.layer.1.layer_norm.weight", "layers.{i}.ffn_norm.weight"),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias.weight"),
+    ("encoder.embed_tokens.weight", "embed_tokens.weight"),
+    ("encoder.final_layer_norm.weight", "final_layer_norm.weight"),
 ]
-
-_OURS_TO_HF = [
-    (re.compile(r"^layers\.(\d+)\.attention\.([qkvo])\.weight$"), r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (re.compile(r"^layers\.(\d+)\.attention_norm\.weight$"), r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (
-        re.compile(r"^layers\.(\d+)\.ffn\.(wi_0|wi_1|wi|wo)\.weight$"),
-        r"encoder.block.\1.layer.1.DenseReluDense.\2.weight",
-    ),
-    (re.compile(r"^layers\.(\d+)\.ffn_norm\.weight$"), r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (
-        re.compile(r"^relative_attention_bias\.weight$"),
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-    ),
-    (re.compile(r"^embed_tokens\.weight$"), "encoder.embed_tokens.weight"),
-    (re.compile(r"^final_layer_norm\.weight$"), "encoder.final_layer_norm.weight"),
-]
+_FIELDS = {"i": r"(?P<i>\d+)", "w": r"(?P<w>[qkvo])", "f": r"(?P<f>wi_0|wi_1|wi|wo)"}
 
 
-def _rename(key: str, table) -> str:
-    for pattern, replacement in table:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
+def _compile(template: str) -> re.Pattern:
+    regex = re.escape(template)
+    for name, group in _FIELDS.items():
+        regex = regex.replace(re.escape("{" + name + "}"), group)
+    return re.compile(f"^{regex}$")
+
+
+_PATTERNS = [(_compile(hf), _compile(ours)) for hf, ours in _NAMES]
+
+
+def _rename(key: str, source: int) -> str:
+    """``source`` 0: Hugging Face -> ours; 1: ours -> Hugging Face."""
+    for patterns, names in zip(_PATTERNS, _NAMES):
+        match = patterns[source].match(key)
+        if match:
+            return names[1 - source].format(**match.groupdict())
     return key
 
 
 def to_mlx_name(hf_key: str) -> str:
-    return _rename(hf_key, _RENAMES)
+    return _rename(hf_key, 0)
 
 
 def to_hf_name(key: str) -> str:
-    return _rename(key, _OURS_TO_HF)
+    return _rename(key, 1)
 
 
 def _ignored(key: str) -> bool:
