@@ -30,11 +30,12 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 SIZES = {"full": (160, 256), "small": (40, 64)}
 
 
+sys.path.insert(0, str(ROOT))  # the workers import starflow_mlx, convert and tests from this checkout
+
 def prepare(work: Path, size: str, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKLWan
 
-    sys.path.insert(0, str(ROOT))
     from convert.wan_vae import convert_wan_vae
     from starflow_mlx.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
@@ -59,21 +60,13 @@ def prepare(work: Path, size: str, seed: int) -> None:
 def worker_torch(work: Path, repeats: int) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    from tests.conftest import diffusers_wan_decode_unclamped
 
     vae = AutoencoderKLWan.from_pretrained(work / "diffusers").eval()
     z = torch.from_numpy(np.load(work / "latents.npy")).permute(0, 4, 1, 2, 3).contiguous()  # -> (B, C, T, h, w)
 
-    def decode(z):  # diffusers' _decode without the final clamp (Wan's decode does not clamp)
-        vae.clear_cache()
-        x = vae.post_quant_conv(z)
-        outs = []
-        for i in range(z.shape[2]):
-            vae._conv_idx = [0]
-            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                    first_chunk=i == 0))
-        vae.clear_cache()
-        return unpatchify(torch.cat(outs, 2), 2)
+    def decode(z):
+        return diffusers_wan_decode_unclamped(vae, z)
 
     with torch.no_grad():
         decode(z[:, :, :1])
@@ -90,7 +83,6 @@ def worker_mlx(work: Path, repeats: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    sys.path.insert(0, str(ROOT))
     from starflow_mlx.wan_vae import load_wan_vae
 
     vae = load_wan_vae(work / "mlx")

@@ -395,7 +395,7 @@ class StarFlow(nn.Module):
                     cache.keep_batch(cache.keys.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
         mx.eval(tokens, [c.state for block_caches in caches for c in block_caches])
-        return Prefix(caches, tokens, x.shape[1] if x.ndim == 5 else 1)
+        return Prefix(caches, tokens)
 
     # ---- denoising after sampling (§5.7) ----
     def denoise(self, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
@@ -436,7 +436,6 @@ class Prefix:
 
     caches: list[list[KVCache]]
     tokens: list[mx.array]
-    frames: int
 
 
 def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:

@@ -46,6 +46,24 @@ TINY_VIDEO_YAML = """arguments:
 """
 
 
+def diffusers_wan_decode_unclamped(vae, z):
+    """diffusers' ``AutoencoderKLWan._decode`` loop without its final clamp to [-1, 1] (Wan's own decode does not
+    clamp), for latents (B, C, T, h, w). Shared by the Wan VAE tests and its benchmark."""
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    with torch.no_grad():
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        outs = []
+        for i in range(z.shape[2]):
+            vae._conv_idx = [0]
+            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                    first_chunk=i == 0))
+        vae.clear_cache()
+        return unpatchify(torch.cat(outs, 2), 2)
+
+
 def official_fixture():
     if not OFFICIAL_T2I_TINY.is_dir():
         pytest.skip(f"official fixtures not found at {OFFICIAL_T2I_TINY} (set STARFLOW_SHARED)")

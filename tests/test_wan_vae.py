@@ -31,7 +31,7 @@ from starflow_mlx.wan_vae import (  # noqa: E402
 from starflow_mlx.weights import CheckpointError, read_config, sha256_file  # noqa: E402
 
 from diffusers import AutoencoderKLWan  # noqa: E402
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as diffusers_unpatchify  # noqa: E402
+from tests.conftest import diffusers_wan_decode_unclamped  # noqa: E402
 
 TOL = 1e-4  # max abs error relative to the reference output's max abs value
 TS = 0.6
@@ -89,20 +89,6 @@ def ref_encode(vae, video):
     with torch.no_grad():
         dist = vae.encode(video).latent_dist
     return dist.mean, dist.logvar
-
-
-def ref_decode_unclamped(vae, z):
-    """diffusers' _decode loop without its final clamp to [-1, 1] (Wan's own decode does not clamp)."""
-    with torch.no_grad():
-        vae.clear_cache()
-        x = vae.post_quant_conv(z)
-        outs = []
-        for i in range(z.shape[2]):
-            vae._conv_idx = [0]
-            outs.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                    first_chunk=i == 0))
-        vae.clear_cache()
-        return diffusers_unpatchify(torch.cat(outs, 2), 2)
 
 
 def random_video(frames, h=32, w=32, seed=1):
@@ -284,7 +270,7 @@ def test_encode_decode_parity(ref, folders, source):
     assert rel_err(mu, to_starflow(mu_ref)) <= TOL
     assert rel_err(logvar, to_starflow(logvar_ref)) <= TOL
 
-    rec_ref = ref_decode_unclamped(ref, mu_ref)
+    rec_ref = diffusers_wan_decode_unclamped(ref, mu_ref)
     rec = ours.decode(mx.array(to_starflow(mu_ref)), normalize=False)
     assert rec.shape == (1, 5, 3, 32, 32)
     assert float(np.abs(to_starflow(rec_ref)).max()) > 0.5  # a non-degenerate output scale
@@ -305,7 +291,7 @@ def test_frame_counts_and_parity(ref, model, k):
     assert rel_err(mu, to_starflow(mu_ref)) <= TOL
     rec = model.decode(mu, normalize=False)
     assert rec.shape == (1, frames, 3, 16, 32)
-    assert rel_err(rec, to_starflow(ref_decode_unclamped(ref, mu_ref))) <= TOL
+    assert rel_err(rec, to_starflow(diffusers_wan_decode_unclamped(ref, mu_ref))) <= TOL
 
 
 def test_decode_frames_streams_and_equals_whole_clip(model):
@@ -348,7 +334,7 @@ def test_latent_normalisation_and_temporal_scale(ref, model):
 
     # decode undoes both: decode(z) == Wan decode of the raw latent
     rec = model.decode(z)
-    assert rel_err(rec, to_starflow(ref_decode_unclamped(ref, mu_ref))) <= TOL
+    assert rel_err(rec, to_starflow(diffusers_wan_decode_unclamped(ref, mu_ref))) <= TOL
     # and a different temporal scale gives a different decode of frames >= 1 only
     other = model.decode(z, temporal_scale=1.0)
     assert mx.allclose(other[:, :1], rec[:, :1], atol=1e-6) and not mx.allclose(other[:, 1:], rec[:, 1:], atol=1e-3)

@@ -325,7 +325,7 @@ class StarFlow(torch.nn.Module):
                 for cache in caches[i]:
                     cache.keep_batch(cache.keys.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
-        return Prefix(caches, tokens, x.shape[1] if x.dim() == 5 else 1)
+        return Prefix(caches, tokens)
 
     @torch.no_grad()
     def denoise(self, x, text, window=None):
@@ -363,11 +363,6 @@ class StarFlow(torch.nn.Module):
 class Prefix:
     caches: list
     tokens: list
-    frames: int
-
-
-def official_to_reference_name(key: str) -> str:
-    return key  # the reference keeps the official module names
 
 
 def load_official_state_dict(model: StarFlow, state: dict) -> None:
