@@ -83,8 +83,7 @@ def convert_flow(
     mx.eval(weights)
 
     folder_config = {
-        "model_type": "starflow",
-        "flow": config.to_dict(),
+        **config.to_dict(),
         "dtype": dtype,
         "source": provenance([checkpoint], config=config_yaml.name),
         "converter_version": CONVERTER_VERSION,

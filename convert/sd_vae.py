@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.sd_vae import MODEL_TYPE, SDVAE, SDVAEConfig
+from starflow_mlx.sd_vae import SDVAE, SDVAEConfig
 from starflow_mlx.weights import (
     CheckpointError,
     cast_floating,
@@ -165,7 +165,7 @@ def convert_sd_vae(
     if diffusers_cfg is None:
         diffusers_cfg = _infer_config(state, weights_path)
     try:
-        cfg = SDVAEConfig.from_dict(diffusers_cfg)
+        cfg = SDVAEConfig.from_diffusers(diffusers_cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{src}: unsupported VAE config: {e}") from None
 
@@ -184,10 +184,8 @@ def convert_sd_vae(
     mx.eval(weights)
 
     record = {
-        "model_type": MODEL_TYPE,
-        "converter_version": CONVERTER_VERSION,
         **cfg.to_dict(),
-        "downsample": cfg.downsample,
+        "converter_version": CONVERTER_VERSION,
         "dtype": dtype,
         "source": provenance([weights_path]),
     }

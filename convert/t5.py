@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from starflow_mlx.t5 import MODEL_TYPE, T5Config, T5Encoder
+from starflow_mlx.t5 import T5Config, T5Encoder
 from starflow_mlx.weights import (
     CheckpointError,
     check_state_dict,
@@ -233,7 +233,6 @@ def convert_t5(
     mx.eval(weights)
 
     folder_config = {
-        "model_type": MODEL_TYPE,
         **config.to_dict(),
         "dtype": dtype,
         "tokenizer": {"extra_ids": extra_ids, "files": sorted(tokenizer_files)},

@@ -1,4 +1,10 @@
-"""Flow configuration: a dataclass stored in a converted folder's ``config.json``, built from the official YAML.
+"""Configuration: one strict dataclass base shared by every component, and the flow's config built from the
+official YAML.
+
+Every component (flow, T5, Wan VAE, SD VAE) has a config dataclass on ``Config``: the fields are listed once, a
+converted folder's ``config.json`` holds exactly those fields plus the folder metadata (``FOLDER_KEYS``), and
+``from_dict`` refuses unknown or missing fields and values of the wrong type before anything is built. The
+component's ``model_type`` is the kind the CLI converts (``starflow-mlx convert flow|t5|wan-vae|sd-vae``).
 
 Pure Python (no MLX import) so the PyTorch reference in ``tests/reference`` shares it.
 """
@@ -7,9 +13,101 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+# Keys of a converted folder's config.json that describe the folder (and companion files such as the T5
+# tokenizer), not the architecture.
+FOLDER_KEYS = ("model_type", "dtype", "quantization", "source", "converter_version", "tokenizer")
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a field's type hint; tuples become lists, ints become floats where a float is
+    expected. Raises ``ValueError`` naming the field and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if hint is Any:
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass
+class Config:
+    """Base of every component config: strict ``from_dict``, type-checked fields, ``validate`` for ranges."""
+
+    model_type: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_value(getattr(self, f.name), hints[f.name], f"{self.model_type} config field {f.name}")
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Ranges and relations between fields; raise ``ValueError`` naming the field and the value."""
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        """The config of a converted folder (metadata keys ignored): unknown or missing fields are errors."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a mapping of {cls.model_type} config fields, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - set(FOLDER_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.model_type} config field(s): {', '.join(unknown)}")
+        required = [
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d
+        ]
+        if required:
+            raise ValueError(f"{source}: missing {cls.model_type} config field(s): {', '.join(required)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        """The fields, JSON-ready, preceded by ``model_type``: what a converted folder's config.json holds."""
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
 
 # Spatial downsampling of the latent spaces the official configs name (spec §2): the YAML's img_size is in pixels.
 VAE_DOWNSAMPLE = {"sd-vae": 8, "sdxl-vae": 8, "wan2.2": 16, "none": 1}
@@ -34,8 +132,10 @@ _REQUIRED_ON = ("rope", "sos")
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(Config):
     """Architecture and sampling fields of a STARFlow / STARFlow-V flow (official names where they exist)."""
+
+    model_type: ClassVar[str] = "flow"
 
     in_channels: int  # latent channels (official channel_size)
     img_size: int  # latent grid size (official img_size // VAE downsample)
@@ -71,10 +171,7 @@ class FlowConfig:
     pixel_size: int | None = None  # the YAML's img_size, before the VAE downsample
     extra: dict[str, Any] = field(default_factory=dict)  # other official fields, kept for the record
 
-    def __post_init__(self):
-        if isinstance(self.layers_per_block, int):
-            self.layers_per_block = [self.layers_per_block]
-        self.layers_per_block = [int(n) for n in self.layers_per_block]
+    def validate(self) -> None:
         if self.pt_seq_len is None:
             self.pt_seq_len = self.img_size // self.patch_size
         if self.seq_order not in ("L2R", "R2L"):
@@ -99,6 +196,8 @@ class FlowConfig:
                 raise ValueError(f"width {width} is not a multiple of head_dim {self.head_dim}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.local_attn_window is not None and self.local_attn_window < 1:
+            raise ValueError(f"local_attn_window must be >= 1 latent frame, got {self.local_attn_window}")
 
     # ---- derived sizes ----
     @property
@@ -125,19 +224,6 @@ class FlowConfig:
     @property
     def is_video(self) -> bool:
         return self.vid_size is not None or bool(self.temporal_causal)
-
-    # ---- (de)serialisation ----
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlowConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown flow config field(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The official YAML form: ``arguments:`` followed by a list of one-key mappings (train.get_tarflow_parser names)

@@ -442,4 +442,4 @@ def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:
     """A converted flow folder (``starflow-mlx convert flow``) -> StarFlow, optionally cast to ``dtype``."""
     from .weights import load_model
 
-    return load_model(folder, "starflow", lambda c: StarFlow(FlowConfig.from_dict(c["flow"])), dtype, "flow")
+    return load_model(folder, FlowConfig, StarFlow, dtype)

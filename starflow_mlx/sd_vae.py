@@ -21,22 +21,25 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .tiling import tiled_apply
-from .weights import load_model
+from .config import Config
+from .weights import compute_dtype, load_model
 
-MODEL_TYPE = "sd-vae"
 # diffusers hard-codes these for AutoencoderKL: every norm uses eps 1e-6, the posterior clamps logvar.
 NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 @dataclass
-class SDVAEConfig:
+class SDVAEConfig(Config):
     """Architecture of an ``AutoencoderKL`` (diffusers field names); the defaults are ``sd-vae-ft-ema``."""
+
+    model_type: ClassVar[str] = "sd-vae"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -50,8 +53,7 @@ class SDVAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    def __post_init__(self):
-        self.block_out_channels = [int(c) for c in self.block_out_channels]
+    def validate(self) -> None:
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one block")
         for c in self.block_out_channels:
@@ -72,8 +74,8 @@ class SDVAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SDVAEConfig":
-        """Read the architecture from a converted folder's config.json or a diffusers config.json.
+    def from_diffusers(cls, d: dict) -> "SDVAEConfig":
+        """Read the architecture from a diffusers config.json (its other fields are ignored).
 
         Block types and the activation are checked rather than stored: this port only implements the
         ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` / SiLU variant that every SD-family VAE uses.
@@ -91,8 +93,6 @@ class SDVAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,4 +421,4 @@ def load_sd_vae(folder: str | os.PathLike, dtype: mx.Dtype | None = None) -> SDV
     ``dtype`` casts the weights (e.g. ``mx.float16``); ``None`` keeps the stored dtype. The SD VAE is normally run
     in float32, as STARFlow does.
     """
-    return load_model(folder, MODEL_TYPE, lambda c: SDVAE(SDVAEConfig.from_dict(c)), dtype, "sd-vae")
+    return load_model(folder, SDVAEConfig, SDVAE, dtype)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import load_model
-
-MODEL_TYPE = "t5-encoder"
+from .config import Config
+from .weights import compute_dtype, load_model
 
 # feed_forward_proj -> (gated, activation). Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new")
 # for backwards compatibility with the original T5 v1.1 / flan checkpoints, while a plain "gelu" is the exact one.
@@ -50,8 +50,10 @@ _ACTIVATIONS = {
 
 
 @dataclass
-class T5Config:
-    """Architecture of a T5 encoder; defaults are google/flan-t5-xl."""
+class T5Config(Config):
+    """Architecture of a T5 encoder (Hugging Face field names); defaults are google/flan-t5-xl."""
+
+    model_type: ClassVar[str] = "t5"
 
     vocab_size: int = 32128
     d_model: int = 2048
@@ -64,7 +66,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.feed_forward_proj not in _FEED_FORWARD:
             raise ValueError(
                 f"unsupported T5 feed_forward_proj {self.feed_forward_proj!r}; "
@@ -82,15 +84,6 @@ class T5Config:
                 f"relative_attention_max_distance ({self.relative_attention_max_distance}) must exceed "
                 f"relative_attention_num_buckets // 4 ({self.relative_attention_num_buckets // 4})"
             )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "T5Config":
-        """Read the T5 fields of a config (ours or a Hugging Face ``config.json``); other keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def gated(self) -> bool:
@@ -258,4 +251,4 @@ def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.ar
 
 def load_t5(folder: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> T5Encoder:
     """Load a folder written by ``starflow-mlx convert t5``; ``dtype`` casts its floating weights (e.g. "float32")."""
-    return load_model(folder, MODEL_TYPE, lambda c: T5Encoder(T5Config.from_dict(c)), dtype, "t5")
+    return load_model(folder, T5Config, T5Encoder, dtype)

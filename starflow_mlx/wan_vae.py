@@ -19,15 +19,16 @@ reference code does). Images (4-D input) go through the same network as a 1-fram
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import ClassVar, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .tiling import blend_tiles, tile_windows
-from .weights import load_model
+from .config import Config
+from .weights import compute_dtype, load_model
 
 CACHE_T = 2  # frames of left context each causal conv keeps between chunks
 
@@ -47,28 +48,23 @@ WAN22_LATENTS_STD = [
 
 
 @dataclass
-class WanVAEConfig:
-    model_type: str = "wan2.2-vae"
+class WanVAEConfig(Config):
+    """Architecture of the Wan2.2 VAE and STARFlow's latent normalisation; the defaults are Wan2.2's."""
+
+    model_type: ClassVar[str] = "wan-vae"
     base_dim: int = 160
     decoder_base_dim: int = 256
     z_dim: int = 48
-    dim_mult: Sequence[int] = (1, 2, 4, 4)
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
     num_res_blocks: int = 2
-    temporal_downsample: Sequence[bool] = (False, True, True)
+    temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
     patch_size: int = 2
     image_channels: int = 3
-    latents_mean: Sequence[float] = field(default_factory=lambda: list(WAN22_LATENTS_MEAN))
-    latents_std: Sequence[float] = field(default_factory=lambda: list(WAN22_LATENTS_STD))
+    latents_mean: list[float] = field(default_factory=lambda: list(WAN22_LATENTS_MEAN))
+    latents_std: list[float] = field(default_factory=lambda: list(WAN22_LATENTS_STD))
     temporal_scale: float = 0.6
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanVAEConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def __post_init__(self):
-        self.dim_mult = tuple(int(m) for m in self.dim_mult)
-        self.temporal_downsample = tuple(bool(t) for t in self.temporal_downsample)
+    def validate(self) -> None:
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample has {len(self.temporal_downsample)} entries; dim_mult {list(self.dim_mult)} "
@@ -85,13 +81,6 @@ class WanVAEConfig:
     @property
     def temporal_factor(self) -> int:
         return 2 ** sum(self.temporal_downsample)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["dim_mult"], d["temporal_downsample"] = list(self.dim_mult), list(self.temporal_downsample)
-        d["latents_mean"], d["latents_std"] = list(self.latents_mean), list(self.latents_std)
-        return d
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-call causal state
@@ -577,4 +566,4 @@ class WanVAE(nn.Module):
 
 def load_wan_vae(folder: str | Path, dtype: Optional[mx.Dtype] = None) -> WanVAE:
     """A converted folder (``starflow-mlx convert wan-vae``) as a ready model; ``dtype`` casts the weights."""
-    return load_model(folder, "wan2.2-vae", lambda c: WanVAE(WanVAEConfig.from_dict(c)), dtype, "wan-vae")
+    return load_model(folder, WanVAEConfig, WanVAE, dtype)

@@ -20,7 +20,7 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -386,27 +386,45 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], config: di
 
 def load_model(
     folder: str | os.PathLike,
-    model_type: str,
-    build: Callable[[dict], nn.Module],
+    config_class: type,
+    build: Callable[[Any], nn.Module],
     dtype: "str | mx.Dtype | None" = None,
-    convert_hint: str = "",
 ) -> nn.Module:
-    """Build a model from a converted folder's ``config.json`` and load its weights strictly.
+    """Build a component from a converted folder and load its weights strictly.
 
-    ``build`` makes the module from the config dict; ``dtype`` casts the floating weights (``None`` keeps them).
+    ``config_class`` (a ``Config`` subclass) names the expected ``model_type`` and parses ``config.json``; ``build``
+    makes the module from that config; ``dtype`` casts the floating weights (``None`` keeps the stored ones).
     """
-    config = read_config(folder)
-    if config.get("model_type") != model_type:
-        hint = f" (convert it with `starflow-mlx convert {convert_hint}`)" if convert_hint else ""
-        raise CheckpointError(f"{folder}: model_type is {config.get('model_type')!r}, expected {model_type!r}{hint}")
+    raw = read_config(folder)
+    kind = config_class.model_type
+    if raw.get("model_type") != kind:
+        raise CheckpointError(
+            f"{folder}: model_type is {raw.get('model_type')!r}, expected {kind!r} "
+            f"(convert it with `starflow-mlx convert {kind}`)"
+        )
+    try:
+        config = config_class.from_dict(raw, source=str(Path(folder) / CONFIG_NAME))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     model = build(config)
     weights = read_model_folder(folder)
     if dtype is not None:
         weights = cast_floating(weights, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
-    load_weights_into(model, weights, config, folder)
+    load_weights_into(model, weights, raw, folder)
     model.eval()
     mx.eval(model.parameters())
     return model
+
+
+def compute_dtype(module: nn.Module) -> mx.Dtype:
+    """The dtype policy of every component, in one place: a component computes in the dtype of its floating
+    weights (for a quantized layer, its scales), casts its inputs to it at its entry, and hands float32 to the
+    next component. Numerically sensitive steps (the flow's affine step and likelihood, RoPE tables, the VAE
+    latent normalisation) run in float32 whatever the weights."""
+    for _, value in tree_flatten(module.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    return mx.float32
 
 
 def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:

@@ -28,8 +28,8 @@ def test_folder_layout_and_metadata(tiny_video):
 
     assert meta["source"] == {"files": {"model.pth": hashlib.sha256(ckpt.read_bytes()).hexdigest()},
                               "config": "config.yaml"}
-    assert meta["model_type"] == "starflow" and meta["converter_version"] and meta["dtype"] == "float32"
-    assert meta["flow"]["top_block_channels"] == 96 and meta["flow"]["layers_per_block"] == [1, 1, 1, 1, 1, 2]
+    assert meta["model_type"] == "flow" and meta["converter_version"] and meta["dtype"] == "float32"
+    assert meta["top_block_channels"] == 96 and meta["layers_per_block"] == [1, 1, 1, 1, 1, 2]
     weights = read_model_folder(folder)
     assert "blocks.5.layers.1.mlp.fc1.weight" in weights and "denoiser.proj_txt.weight" in weights
     assert not any("attn_mask" in k or k.startswith(("var", "feat_rope")) for k in weights)

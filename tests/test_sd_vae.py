@@ -166,7 +166,7 @@ def test_folder_config_records_source(tiny):
     assert cfg["model_type"] == "sd-vae"
     assert cfg["converter_version"] == "1"
     assert cfg["dtype"] == "float32"
-    assert cfg["block_out_channels"] == [32, 64] and cfg["norm_num_groups"] == 8 and cfg["downsample"] == 2
+    assert cfg["block_out_channels"] == [32, 64] and cfg["norm_num_groups"] == 8
     assert list(cfg["source"]["files"]) == ["diffusion_pytorch_model.safetensors"]
     assert len(cfg["source"]["files"]["diffusion_pytorch_model.safetensors"]) == 64
     weights = read_model_folder(tiny["mlx"])

@@ -153,7 +153,7 @@ def test_parity_with_transformers(layout, tmp_path, spiece, encoder_model, batch
 
     out = convert_t5(src, tmp_path / "mlx")
     config = read_config(out)
-    assert config["model_type"] == "t5-encoder" and config["converter_version"] == "1"
+    assert config["model_type"] == "t5" and config["converter_version"] == "1"
     assert config["d_model"] == 64 and config["feed_forward_proj"] == "gated-gelu" and config["num_layers"] == 2
     for name, digest in config["source"]["files"].items():
         assert digest == sha256_file(src / name)
@@ -231,7 +231,11 @@ def test_cli_convert(tmp_path, spiece, encoder_model):
 
 
 def test_config_from_dict_validates():
-    assert T5Config.from_dict({"d_model": 8, "unrelated": 1}).d_model == 8
+    assert T5Config.from_dict({"model_type": "t5", "d_model": 8}).d_model == 8
+    with pytest.raises(ValueError, match="unknown t5 config field.*unrelated"):
+        T5Config.from_dict({"d_model": 8, "unrelated": 1})
+    with pytest.raises(ValueError, match="d_model must be an integer"):
+        T5Config.from_dict({"d_model": 8.5})
     with pytest.raises(ValueError, match="feed_forward_proj"):
         T5Config(feed_forward_proj="swiglu")
 
@@ -335,8 +339,8 @@ def test_wrong_config(bin_source, encoder_model, tmp_path):
 
 
 def test_load_rejects_other_folders(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "starflow"}))
-    with pytest.raises(CheckpointError, match="t5-encoder"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "flow"}))
+    with pytest.raises(CheckpointError, match="model_type is 'flow', expected 't5'"):
         load_t5(tmp_path)
 
 

@@ -146,7 +146,7 @@ def test_both_layouts_convert_to_identical_folders(folders):
 def test_config_json(folders):
     for name, src in (("mlx_wan", "Wan2.2_VAE.pth"), ("mlx_diffusers", "diffusers/diffusion_pytorch_model.safetensors")):
         cfg = read_config(folders / name)
-        assert cfg["model_type"] == "wan2.2-vae"
+        assert cfg["model_type"] == "wan-vae"
         assert cfg["converter_version"] == "1"
         assert cfg["source"]["files"] == {src.split("/")[-1]: sha256_file(folders / src)}
         assert (cfg["base_dim"], cfg["decoder_base_dim"], cfg["z_dim"]) == (16, 24, 48)
