@@ -57,11 +57,13 @@ def inputs(config):
 def run_mlx(workdir: Path, repeats: int) -> dict:
     import mlx.core as mx
 
+    from starflow_mlx.sampler import SamplerOptions
+
     model = mlx_model(workdir)
     x, y = (mx.array(a) for a in inputs(model.config))
     fwd = timed(lambda: mx.eval(model.nll(x, y[:BATCH])), repeats)
     z = x[:1, :INV_FRAMES]
-    inv = timed(lambda: mx.eval(model.reverse(z, y[:1], guidance=3.0, text_null=y[1:])), 1, warmup=False)
+    inv = timed(lambda: mx.eval(model.reverse(z, y[:1], y[1:], SamplerOptions(guidance=3.0))), 1, warmup=False)
     return {"impl": "mlx", "forward_s": fwd, "inverse_s": inv}
 
 
@@ -69,6 +71,7 @@ def run_torch(workdir: Path, repeats: int) -> dict:
     import torch
 
     from starflow_mlx.config import load_official_yaml
+    from starflow_mlx.sampler import SamplerOptions
     from tests.reference import StarFlow, load_official_state_dict
 
     config = load_official_yaml(workdir / "config.yaml")
@@ -78,7 +81,7 @@ def run_torch(workdir: Path, repeats: int) -> dict:
     with torch.no_grad():
         fwd = timed(lambda: model(x, y[:BATCH]).nll(), repeats)
         z = x[:1, :INV_FRAMES]
-        inv = timed(lambda: model.reverse(z, y[:1], 3.0, y[1:]), 1, warmup=False)
+        inv = timed(lambda: model.reverse(z, y[:1], y[1:], SamplerOptions(guidance=3.0)), 1, warmup=False)
     return {"impl": "torch", "forward_s": fwd, "inverse_s": inv, "threads": torch.get_num_threads()}
 
 

@@ -46,7 +46,7 @@ def main():
     import mlx.core as mx
     import numpy as np
 
-    from starflow_mlx.sampling import SEQUENTIAL, Jacobi, SamplerStats
+    from starflow_mlx.sampler import SEQUENTIAL, Jacobi, SamplerOptions, stream_sample
 
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, default=4)
@@ -61,15 +61,15 @@ def main():
     z = mx.array(rng.standard_normal((1, args.frames, c.in_channels, c.img_size, c.img_size)).astype(np.float32))
     y = mx.array(rng.standard_normal((1, c.txt_size, c.txt_dim)).astype(np.float32))
     y_null = mx.array(rng.standard_normal((1, c.txt_size, c.txt_dim)).astype(np.float32))
-    model.reverse(z[:, :1], y, 3.0, y_null, jacobi=Jacobi(block_size=args.block_size))  # warm-up
+    model.reverse(z[:, :1], y, y_null, SamplerOptions(guidance=3.0, solver=Jacobi(block_size=args.block_size)))  # warm-up
 
     runs = [("sequential", SEQUENTIAL), ("jacobi th=1e-3", Jacobi(block_size=args.block_size, threshold=1e-3)),
             ("jacobi th=1e-8", Jacobi(block_size=args.block_size, threshold=1e-8, max_iter=200))]
     results = {}
     for name, solver in runs:
-        stats = SamplerStats()
         start = time.perf_counter()
-        out = model.reverse(z, y, 3.0, y_null, jacobi=solver, stats=stats)
+        *_, final = stream_sample(model, z, y, y_null, SamplerOptions(guidance=3.0, solver=solver))
+        out, stats = final.latent, final.stats
         mx.eval(out)
         results[name] = (time.perf_counter() - start, stats, out)
 

@@ -103,7 +103,7 @@ def worker_mlx(args) -> dict:
     out = {}
 
     def decode():
-        out["image"] = vae.decode(z)
+        out["image"] = vae.from_flow_latent(z)
         mx.eval(out["image"])
 
     mx.reset_peak_memory()
@@ -192,7 +192,7 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     sys.path.insert(0, str(ROOT))
-    from convert.sd_vae import convert_sd_vae
+    from starflow_mlx.convert.sd_vae import convert_sd_vae
 
     with tempfile.TemporaryDirectory(prefix="bench_sd_vae_") as tmp:
         work = Path(tmp)

@@ -3,9 +3,10 @@
     python benchmarks/bench_wan_vae.py [--size full|small] [--height 128 --width 128 --frames 5]
 
 Builds a Wan2.2-configured diffusers model with random weights (full widths 160/256, z 48 by default; ``--size
-small`` uses 40/64), saves it, converts it with ``convert/wan_vae.py``, then times a whole-clip decode of the same
-random latent in two separate processes: MLX with OpenBLAS preloaded, torch without it. Each process decodes the
-first latent frame once as a warm-up, then the full clip (``--repeats`` times, best kept: torch's first full
+small`` uses 40/64), saves it, converts it with ``convert_wan_vae``, then times a whole-clip decode of the same
+random flow latent (un-normalised for diffusers beforehand, as STARFlow's wrapper does) in two separate
+processes: MLX with OpenBLAS preloaded, torch without it. Each process decodes the first latent frame once as a
+warm-up, then the full clip (``--repeats`` times, best kept: torch's first full
 decode is 3-4x slower than later ones while oneDNN prepares the new shapes). Peak memory: MLX's
 ``mx.get_peak_memory()`` during the timed decodes (array allocations, weights included), and for both the worker
 process's max RSS (``getrusage``: weights, loading and decoding; each step runs in its own process).
@@ -30,13 +31,13 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 SIZES = {"full": (160, 256), "small": (40, 64)}
 
 
-sys.path.insert(0, str(ROOT))  # the workers import starflow_mlx, convert and tests from this checkout
+sys.path.insert(0, str(ROOT))  # the workers import starflow_mlx and tests from this checkout
 
 def prepare(work: Path, size: str, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from convert.wan_vae import convert_wan_vae
+    from starflow_mlx.convert.wan_vae import convert_wan_vae
     from starflow_mlx.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
     if (work / "mlx" / "config.json").is_file():
@@ -63,7 +64,12 @@ def worker_torch(work: Path, repeats: int) -> dict:
     from tests.conftest import diffusers_wan_decode_unclamped
 
     vae = AutoencoderKLWan.from_pretrained(work / "diffusers").eval()
-    z = torch.from_numpy(np.load(work / "latents.npy")).permute(0, 4, 1, 2, 3).contiguous()  # -> (B, C, T, h, w)
+    # latents.npy is STARFlow's flow latent (B, T, h, w, 48): undo its temporal scale and normalisation first
+    cfg = json.loads((work / "mlx" / "config.json").read_text())
+    z = np.load(work / "latents.npy")
+    z[:, 1:] /= np.float32(cfg["temporal_scale"])
+    z = z / (1 / np.array(cfg["latents_std"], np.float32)) + np.array(cfg["latents_mean"], np.float32)
+    z = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous()  # -> (B, C, T, h, w)
 
     def decode(z):
         return diffusers_wan_decode_unclamped(vae, z)
@@ -87,12 +93,12 @@ def worker_mlx(work: Path, repeats: int) -> dict:
 
     vae = load_wan_vae(work / "mlx")
     z = mx.array(np.load(work / "latents.npy"))
-    mx.eval(vae.decode(z[:, :1], normalize=False, channels_last=True))
+    mx.eval(vae.from_flow_latent(z[:, :1], channels_last=True))
     mx.reset_peak_memory()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        out = vae.decode(z, normalize=False, channels_last=True)  # latents.npy is (B, T, h, w, 48)
+        out = vae.from_flow_latent(z, channels_last=True)  # latents.npy is (B, T, h, w, 48)
         mx.eval(out)
         best = min(best, time.perf_counter() - t)
     peak = mx.get_peak_memory()

@@ -30,7 +30,7 @@ def make_checkpoint(workdir: Path, yaml_text: str, seed: int = 0) -> tuple[Path,
 
 
 def mlx_model(workdir: Path):
-    from convert.flow import convert_flow
+    from starflow_mlx.convert.flow import convert_flow
     from starflow_mlx.flow import load_flow
 
     folder = workdir / "mlx"

@@ -18,8 +18,9 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from convert.flow import convert_flow
-from starflow_mlx import Jacobi, SamplerStats, load_flow
+from starflow_mlx.convert.flow import convert_flow
+from starflow_mlx import load_flow
+from starflow_mlx.sampler import ChunkSolved, Jacobi, Sampled, SamplerOptions, stream_sample
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-t2i-tiny"
 
@@ -43,17 +44,16 @@ def main():
     y_null = mx.zeros((1, c.txt_size, c.txt_dim))
     noise = mx.random.normal((1, c.in_channels, c.img_size, c.img_size))
 
-    stats = SamplerStats()
+    options = SamplerOptions(guidance=args.guidance, solver=Jacobi(block_size=16, threshold=1e-3))
     bars = {}
-
-    def progress(block, done, total):
-        bar = bars.setdefault(block, tqdm(total=total, desc=f"block {block}", leave=False))
-        bar.update(done - bar.n)
-
     start = time.perf_counter()
-    sample = flow.reverse(noise, y, args.guidance, y_null, jacobi=Jacobi(block_size=16, threshold=1e-3),
-                          stats=stats, callback=progress)
-    mx.eval(sample)
+    # The sampler yields events; this script turns chunk events into one progress bar per block.
+    for event in stream_sample(flow, noise, y, y_null, options):
+        if isinstance(event, ChunkSolved):
+            bar = bars.setdefault(event.block, tqdm(total=event.total, desc=f"block {event.block}", leave=False))
+            bar.update(event.stop - bar.n)
+        elif isinstance(event, Sampled):
+            sample, stats = event.latent, event.stats
     for bar in bars.values():
         bar.close()
     log.info("sampled %s in %.2f s; deep block: %d passes over %d tokens in %d chunks", sample.shape,

@@ -2,15 +2,19 @@
 
 __version__ = "0.1.0"
 
-# Imported lazily so that pure-Python modules (config, sampling) load without MLX, e.g. in the torch reference.
+# Imported lazily so that `import starflow_mlx.config` (pure Python) does not load MLX.
 _EXPORTS = {
     "FlowConfig": "config",
     "StarFlow": "flow",
     "load_flow": "flow",
-    "Jacobi": "sampling",
-    "SEQUENTIAL": "sampling",
-    "SamplerStats": "sampling",
-    "Cancelled": "sampling",
+    "Jacobi": "sampler",
+    "SEQUENTIAL": "sampler",
+    "SamplerOptions": "sampler",
+    "SamplerStats": "sampler",
+    "stream_sample": "sampler",
+    "sample": "sampler",
+    "stream_denoise": "sampler",
+    "denoise": "sampler",
 }
 
 

@@ -9,21 +9,33 @@ from .rope import apply_rope
 
 
 class KVCache:
-    """Keys and values of one attention layer, *before* RoPE (the official cache stores un-rotated keys and
-    re-rotates every cached key on each call, §8.2). Pre-allocated in steps; ``rollback`` discards the newest
-    entries (Jacobi iterations), ``reset`` empties it (sliding window)."""
+    """Keys and values of one attention layer, keys stored *rotated* (RoPE applied once, at insert).
+
+    Slot positions are fixed (slot = cache index, §9.1) and a sliding-window re-encode resets the cache and
+    re-inserts its tokens at their new slots, so rotating at insert is bit-identical to the official cache, which
+    stores un-rotated keys and re-rotates all of them on every call (§8.2), and it does O(new) work per call
+    instead of O(cached). ``max_size`` (the block's known sequence length, from ``MetaBlock.make_cache``) sizes the
+    buffers once; without it they grow in steps of 256. The surface follows mlx-lm's caches (``offset``, ``trim``,
+    ``state``, ``nbytes``) so that a quantized cache can implement the same one.
+    """
 
     step = 256
 
-    def __init__(self):
+    def __init__(self, max_size: int | None = None):
         self.keys = None
         self.values = None
         self.offset = 0
+        self.max_size = max_size
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (B, heads, n, head_dim) rotated keys and values; return everything cached so far."""
         n = keys.shape[2]
         if self.keys is None or self.offset + n > self.keys.shape[2]:
-            capacity = ((self.offset + n + self.step - 1) // self.step) * self.step
+            needed = self.offset + n
+            if self.max_size is not None and needed <= self.max_size:
+                capacity = self.max_size
+            else:
+                capacity = ((needed + self.step - 1) // self.step) * self.step
             shape = (*keys.shape[:2], capacity, keys.shape[3])
             new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
             if self.keys is not None and self.offset:
@@ -35,10 +47,17 @@ class KVCache:
         self.offset += n
         return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
 
-    def rollback(self, n: int) -> None:
-        self.offset = max(0, self.offset - n)
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Discard the newest ``n`` entries (a Jacobi iteration's keys); returns how many were discarded."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
 
     def reset(self) -> None:
+        """Empty the cache, keeping its buffers (the sliding window restarts from slot 0)."""
         self.offset = 0
 
     def keep_batch(self, n: int) -> None:
@@ -49,6 +68,10 @@ class KVCache:
     @property
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
 
 
 class Attention(nn.Module):
@@ -66,16 +89,17 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         q, k, v = mx.split(self.qkv(self.norm(x)), 3, axis=-1)
         q, k, v = (t.reshape(B, L, self.num_heads, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
+        # The new tokens sit at slots offset .. offset + L - 1 (slot = cache index, §9.1): queries and keys take
+        # those table rows, and keys are cached already rotated.
+        start = 0 if cache is None else cache.offset
+        q = apply_rope(q, cos[start : start + L], sin[start : start + L]).astype(x.dtype)
+        k = apply_rope(k, cos[start : start + L], sin[start : start + L]).astype(x.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        lq, lk = q.shape[2], k.shape[2]
-        # Queries take the table rows of the newest slots, keys all rows from 0 (slot = cache index, §9.1).
-        q = apply_rope(q, cos[lk - lq : lk], sin[lk - lq : lk]).astype(x.dtype)
-        k = apply_rope(k, cos[:lk], sin[:lk]).astype(x.dtype)
-        if isinstance(mask, str) and mask == "causal" and lq == 1:
+        if isinstance(mask, str) and mask == "causal" and L == 1:
             mask = None  # a single newest query sees every cached key
-        out = mx.fast.scaled_dot_product_attention(q, k, v.astype(x.dtype), scale=self.scale, mask=mask)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, lq, -1))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):

@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from .weights import CheckpointError
 
-# Each converter module in convert/ exposes ``add_parser(subparsers)`` that registers ``convert <kind>`` and sets
-# ``func`` to a callable taking the parsed arguments.
-CONVERTERS = ["convert.flow", "convert.t5", "convert.wan_vae", "convert.sd_vae"]
-
 log = logging.getLogger("starflow_mlx")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .convert import flow, sd_vae, t5, wan_vae
+
     parser = argparse.ArgumentParser(prog="starflow-mlx", description="STARFlow / STARFlow-V in MLX")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="convert released checkpoints into MLX model folders")
-    kinds = convert.add_subparsers(dest="kind", required=True)
-    for name in CONVERTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # converter not present in this build
-                continue
-            raise
-        module.add_parser(kinds)
+    kinds = commands.add_parser("convert", help="convert released checkpoints into MLX model folders").add_subparsers(
+        dest="kind", required=True
+    )
+    # Each converter registers ``convert <kind>`` and sets ``func`` to a callable taking the parsed arguments.
+    for converter in (flow, t5, wan_vae, sd_vae):
+        converter.add_parser(kinds)
     return parser
 
 

@@ -5,14 +5,15 @@ T = 1 for images (a one-frame video has the same positions, permutations and mas
 on flattened (B, S, C) token sequences, S = T*H*W.
 
 Block i maps x -> z = (x - b(x_<)) / a(x_<) in its own token order; the deep (last) block alone sees the text, as a
-causal prefix, and classifier-free guidance. Sampling inverts the deep block first.
+causal prefix, and classifier-free guidance. This module is the architecture and the training direction; sampling
+(inverting it, deep block first) is ``sampler.py``, which calls the blocks' ``step``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +21,7 @@ import mlx.nn as nn
 from .attention import KVCache, RMSNorm, TransformerLayer
 from .config import GAUSSIAN_LOG_NORM, FlowConfig
 from .rope import rope_table
-from .sampling import SEQUENTIAL, BlockStats, Jacobi, SamplerStats
+from .weights import KeyMap, compute_dtype, load_model
 
 # softplus(s + ln(e - 1)) = 1 at s = 0: an untrained block is the identity (spec §4.3, pitfall §8.5)
 INV_SOFTPLUS_1 = 0.541324854612918
@@ -79,17 +80,14 @@ class MetaBlock(nn.Module):
     def rope(self, frames: int, h: int, w: int, txt_len: int) -> tuple[mx.array, mx.array]:
         return rope_table(h, w, frames, txt_len if self.txt_dim else 0, self.pt_seq_len, self.head_dim)
 
-    def make_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
-
-    @property
-    def compute_dtype(self) -> mx.Dtype:
-        return self.proj_in.weight.dtype
+    def make_cache(self, max_size: int | None = None) -> list[KVCache]:
+        """One KV cache per layer, sized for ``max_size`` slots (text + tokens) when the length is known."""
+        return [KVCache(max_size) for _ in self.layers]
 
     # ---- the shared pieces of forward, sequential and Jacobi inverses ----
     def hidden(self, slots, text, rope, caches=None) -> mx.array:
         """Transformer over ``[proj_txt(text) ; proj_in(slots)]`` (either may be None); returns the slot part."""
-        dtype = self.compute_dtype
+        dtype = compute_dtype(self.proj_out)  # a small layer: the block's dtype without walking all its weights
         parts = []
         if text is not None:
             parts.append(self.proj_txt(text.astype(dtype)))
@@ -140,90 +138,6 @@ class MetaBlock(nn.Module):
             a, b = guide(a, b, guidance)
         z = self.permute((x_in - b) / a, T).reshape(B, T, H, W, C)
         return z, -mx.log(a), x_in
-
-    # ---- sampling direction ----
-    def invert(
-        self,
-        z: mx.array,
-        text: mx.array | None = None,
-        guidance: float = 0.0,
-        caches: list[KVCache] | None = None,
-        jacobi: Jacobi = SEQUENTIAL,
-        window: int | None = None,
-        context: int = 16,
-        prefix: mx.array | None = None,
-        stats: BlockStats | None = None,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> mx.array:
-        """Invert this block on z (B, T, H, W, C): sequentially (one token a pass) or by block-wise Jacobi.
-
-        ``text`` has 2B rows [cond; uncond] when ``guidance`` > 0. ``window`` (latent frames) turns on the
-        sliding window of long videos: when a window is solved, the caches restart from the text and the last
-        ``context`` solved frames. ``prefix`` (permuted tokens of the first frames, already in ``caches`` with the
-        text, from a context pass) is kept and solving starts after it. ``callback(done, total)`` runs after each
-        chunk; it may raise ``Cancelled``.
-        """
-        B, T, H, W, C = z.shape
-        S, F = T * H * W, H * W
-        caches = caches if caches is not None else self.make_caches()
-        stats = stats if stats is not None else BlockStats()
-        text = text if self.txt_dim else None
-        rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
-        zs = self.permute(z.reshape(B, S, C).astype(mx.float32), T)
-        if guidance > 0:
-            zs = mx.concatenate([zs, zs])
-        N = zs.shape[0]
-        # slot k holds token k-1 (slot 0 the SOS); unsolved tokens start as the noise itself (official init)
-        x = mx.concatenate([self.sos(N), zs], axis=1)
-        start = 0
-        if prefix is not None:
-            start = prefix.shape[1]
-            x[:, 1 : 1 + start] = mx.broadcast_to(prefix.astype(mx.float32), (N, start, C))
-        elif text is not None:
-            self.push_text(text, caches, rope)
-        span = S if window is None else min(S, window * F)
-        target = span
-        while True:
-            while start < target:
-                size = min(jacobi.block_size * (1 if start <= F else jacobi.growth), target - start)
-                for i in range(jacobi.max_iter):
-                    lo = start - F if (jacobi.previous_frame_init and i == 0 and start > F) else start
-                    a, b = self.step(x[:, lo : lo + size], caches, rope)
-                    if guidance > 0:
-                        a, b = guide(a, b, guidance)
-                    new = b + a * zs[:, start : start + size]
-                    last = i == jacobi.max_iter - 1
-                    if not last:  # relative change over the whole (guided) batch, §8.7
-                        diff = mx.mean(mx.square(new - x[:, start + 1 : start + 1 + size])) / mx.mean(mx.square(new))
-                    x[:, start + 1 : start + 1 + size] = new
-                    stats.passes += 1
-                    stats.tokens += size
-                    if last or diff.item() < jacobi.threshold:
-                        break
-                    for cache in caches:  # discard this iteration's keys: the next one re-feeds the chunk
-                        cache.rollback(size)
-                mx.eval(x, *[c.state for c in caches])
-                stats.iterations.append(i + 1)
-                start += size
-                if callback is not None:
-                    callback(start, S)
-            if target >= S:
-                break
-            target = min(S, target + span - context * F)
-            self.reencode(x[:, start + 1 - context * F : start + 1], text, caches, rope)
-            stats.reencodes += 1
-            stats.reencoded_tokens += context * F
-        out = x[:B, 1:]
-        return self.permute(out, T).reshape(B, T, H, W, C)
-
-    def reencode(self, tokens: mx.array, text, caches: list[KVCache], rope) -> None:
-        """Restart the caches from the text and ``tokens`` (SOS-shifted), positions counted from 0 again (§5.4)."""
-        for cache in caches:
-            cache.reset()
-        if text is not None:
-            self.push_text(text, caches, rope)
-        slots = mx.concatenate([self.sos(tokens.shape[0]), tokens[:, :-1]], axis=1)
-        self.hidden(slots, None, rope, caches)
 
 
 @dataclass
@@ -292,22 +206,35 @@ class StarFlow(nn.Module):
         x = x.reshape(B, T, h, w, p, p, C).transpose(0, 1, 6, 2, 4, 3, 5).reshape(B, T, C, h * p, w * p)
         return x if video else x[:, 0]
 
-    def _shallow_local(self, x: mx.array, video: bool) -> bool:
-        return self.config.shallow_block_local and video and x.shape[1] > 1
+    def shallow_local(self, video: bool, frames: int) -> bool:
+        """Whether the shallow blocks work within each frame (global-local STARFlow-V) for this input."""
+        return self.config.shallow_block_local and video and frames > 1
+
+    def make_cache(self, frames: int, height: int, width: int, text_len: int, window: int | None = None):
+        """KV caches for every block (by block index), sized for a clip of ``frames`` latent frames of
+        ``height`` x ``width`` latent pixels: the deep block holds the text and ``window`` frames (all frames
+        without a sliding window), a shallow block one frame when it works within frames, else all of them."""
+        p = self.config.patch_size
+        F = (height // p) * (width // p)
+        local = self.shallow_local(True, frames)
+        deep = text_len + F * (frames if window is None else min(frames, window))
+        return [block.make_cache(F if local else F * frames) for block in self.blocks[:-1]] + [
+            self.blocks[-1].make_cache(deep)
+        ]
 
     # ---- training direction ----
     def __call__(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
         """Forward pass: data (image or video latent) -> Gaussian latent, with the per-block log-determinants.
 
-        ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the context pass
-        of image-to-video (``context``); the per-block permuted inputs are returned as ``prefixes``.
+        ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the prefill of
+        image-to-video (``prefill``); the per-block permuted inputs are returned as ``prefixes``.
         """
         video = x.ndim == 5
         h = self.patchify(x)
         B, T = h.shape[:2]
         outputs, logdets, prefixes = [h], [], []
         for i, block in enumerate(self.blocks[:-1]):
-            local = self._shallow_local(h, video)
+            local = self.shallow_local(video, T)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
             h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None)
             if local:
@@ -326,67 +253,35 @@ class StarFlow(nn.Module):
         """Exact negative log-likelihood per sample in nats per dimension (divide by ln 2 for bits/dim)."""
         return self(x, text).nll()
 
-    # ---- sampling direction ----
+    # ---- conditioning for sampling ----
     def guided_text(self, text: mx.array, text_null: mx.array | None, guidance: float) -> mx.array:
+        """The deep block's text rows: ``text``, or [text; text_null] under guidance (the batch doubles)."""
         if guidance <= 0:
             return text
         if text_null is None:
             raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
+        if text_null.ndim != 3 or text_null.shape[0] not in (1, text.shape[0]) or text_null.shape[1:] != text.shape[1:]:
+            raise ValueError(
+                f"text_null must be (1 or {text.shape[0]}, {text.shape[1]}, {text.shape[2]}) like text, "
+                f"got shape {text_null.shape}"
+            )
         return mx.concatenate([text, mx.broadcast_to(text_null, text.shape)])
 
-    def reverse(
-        self,
-        z: mx.array,
-        text: mx.array,
-        guidance: float = 0.0,
-        text_null: mx.array | None = None,
-        jacobi: Jacobi = SEQUENTIAL,
-        window: int | None = None,
-        context: int = 16,
-        prefix: "Prefix | None" = None,
-        stats: SamplerStats | None = None,
-        callback: Callable[[int, int, int], None] | None = None,
-    ) -> mx.array:
-        """Sample: invert the flow on Gaussian ``z`` (image or video latent layout), deep block first.
-
-        Guidance applies inside the deep block only; ``text_null`` is the unconditional embedding (1 or B rows).
-        ``jacobi`` selects the solver (``SEQUENTIAL`` or ``Jacobi(...)``); ``window``/``context`` (latent frames)
-        the deep block's sliding window for long videos; ``prefix`` (from ``context``) conditions on given first
-        frames. ``callback(block, done_tokens, total_tokens)`` runs after every chunk and may raise ``Cancelled``.
-        """
-        video = z.ndim == 5
-        stats = stats if stats is not None else SamplerStats()
-        n = len(self.blocks)
-        h = self.patchify(z.astype(mx.float32))
-        report = (lambda i: (lambda done, total: callback(i, done, total))) if callback else (lambda i: None)
-        h = self.blocks[-1].invert(
-            h, self.guided_text(text, text_null, guidance), guidance,
-            caches=prefix.caches[-1] if prefix else None, jacobi=jacobi, window=window, context=context,
-            prefix=prefix.tokens[-1] if prefix else None, stats=stats.block(n - 1), callback=report(n - 1),
-        )
-        B, T = h.shape[:2]
-        for i in reversed(range(n - 1)):
-            block = self.blocks[i]
-            local = self._shallow_local(h, video)
-            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            # shallow-local blocks start afresh per frame; others continue from their context-pass prefix
-            keep = prefix is not None and not local
-            h = block.invert(
-                inp, caches=prefix.caches[i] if keep else None, jacobi=jacobi,
-                prefix=prefix.tokens[i] if keep else None, stats=stats.block(i), callback=report(i),
-            ).reshape(h.shape)
-        return self.unpatchify(h, video)
-
-    def context(
-        self, x: mx.array, text: mx.array, guidance: float = 0.0, text_null: mx.array | None = None
+    def prefill(
+        self, x: mx.array, text: mx.array, guidance: float = 0.0, text_null: mx.array | None = None,
+        frames: int | None = None,
     ) -> "Prefix":
-        """Context pass of image-to-video / video continuation (§5.5): run the forward on the given (noised) first
-        latent frame(s) ``x`` with fresh caches, which then hold the text and the prefix for ``reverse(prefix=)``.
-        The deep block keeps both guidance halves; the shallow blocks keep the conditional half only."""
+        """The context pass of image-to-video / video continuation (§5.5): the forward on the given (noised)
+        first latent frame(s) ``x`` with fresh caches, which then hold the text and the prefix for sampling
+        (``sampler.stream_sample(prefix=)``). The deep block keeps both guidance halves, the shallow blocks the
+        conditional half only. ``frames`` (the clip's total latent frames) sizes the caches."""
         text = self.guided_text(text, text_null, guidance)
         if guidance > 0:
             x = mx.concatenate([x, x])
-        caches = [block.make_caches() for block in self.blocks]
+        video = x.ndim == 5
+        H, W = x.shape[-2:]
+        given = x.shape[1] if video else 1
+        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1])
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
@@ -395,32 +290,25 @@ class StarFlow(nn.Module):
                     cache.keep_batch(cache.keys.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
         mx.eval(tokens, [c.state for block_caches in caches for c in block_caches])
-        return Prefix(caches, tokens)
+        return Prefix(caches, tokens, text, guidance)
 
-    # ---- denoising after sampling (§5.7) ----
+    # ---- convenience forms of the sampler (sampler.py) ----
+    def reverse(self, z: mx.array, text: mx.array, text_null: mx.array | None = None, options=None, prefix=None):
+        """Sample: invert the flow on Gaussian ``z``, run to the end (``sampler.stream_sample`` streams it)."""
+        from .sampler import SamplerOptions, sample
+
+        return sample(self, z, text, text_null, options or SamplerOptions(), prefix)
+
     def denoise(self, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
-        """One Tweedie step removing the training noise: the learnable denoiser (x - 0.3 * pred), chunked over
-        time like the official sampler, or, without one, the gradient step x - sigma^2 * grad NLL."""
-        if not hasattr(self, "denoiser"):
-            return self.gradient_denoise(x, text)
-        if x.ndim == 4:
-            return x - DENOISER_STEP * self.unpatchify(self.denoiser(self.patchify(x), text, False), False)
-        x = mx.array(x)  # a copy: slice assignment below must not touch the caller's array
-        T = x.shape[1]
-        steps = window or T
-        start, overlap = 0, 0
-        while True:
-            chunk = x[:, start : start + steps]
-            pred = self.unpatchify(self.denoiser(self.patchify(chunk), text, True), True)
-            x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
-            mx.eval(x)
-            if start + steps >= T:  # later official passes write nothing (and never end if overlap >= steps)
-                break
-            overlap = self.config.denoiser_window if self.config.denoiser_window is not None else steps - 1
-            if overlap >= steps:
-                raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
-            start += steps - overlap
-        return x
+        """The denoising step after sampling (``sampler.stream_denoise`` streams it)."""
+        from .sampler import denoise
+
+        return denoise(self, x, text, window)
+
+    # ---- denoising (§5.7) ----
+    def predict_noise(self, x: mx.array, text: mx.array | None, video: bool) -> mx.array:
+        """The learnable denoiser's prediction for x (B, T, C, H, W), same layout."""
+        return self.unpatchify(self.denoiser(self.patchify(x), text, video), True)
 
     def gradient_denoise(self, x: mx.array, text: mx.array, sigma: float | None = None) -> mx.array:
         """x - sigma^2 * d NLL_total / dx per sample (the official T2I self-denoising step, lr 1)."""
@@ -432,14 +320,33 @@ class StarFlow(nn.Module):
 
 @dataclass
 class Prefix:
-    """Caches and permuted input tokens of every block after a context pass (by block index)."""
+    """Caches and permuted input tokens of every block after a prefill (by block index), with the deep block's
+    text rows and the guidance they were made with (sampling from the prefix must use the same)."""
 
     caches: list[list[KVCache]]
     tokens: list[mx.array]
+    text: mx.array
+    guidance: float
 
 
 def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:
     """A converted flow folder (``starflow-mlx convert flow``) -> StarFlow, optionally cast to ``dtype``."""
-    from .weights import load_model
-
     return load_model(folder, FlowConfig, StarFlow, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official checkpoint names (``starflow-mlx convert flow``)
+# ----------------------------------------------------------------------------------------------------------------
+
+# The official module names are ours but for three renames; PyTorch and MLX Linear weights share the [out, in]
+# layout, so no tensor changes shape.
+OFFICIAL_NAMES = KeyMap(
+    [
+        ("learnable_self_denoiser.{rest}", "denoiser.{rest}"),
+        ("{pre}.attn_blocks.{rest}", "{pre}.layers.{rest}"),
+        ("{pre}.mlp.main.0.{rest}", "{pre}.mlp.fc1.{rest}"),
+        ("{pre}.mlp.main.2.{rest}", "{pre}.mlp.fc2.{rest}"),
+    ]
+)
+# Buffers of the official model that no computation reads (spec §3): checkpoints carry them, the port drops them.
+DEPRECATED = re.compile(r"^(var|blocks\.\d+\.attn_mask|feat_rope\.freqs_(cos|sin))$")

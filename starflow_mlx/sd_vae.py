@@ -4,15 +4,19 @@ STARFlow (text-to-image) encodes images into its latent space with this VAE and 
 The modules keep the diffusers parameter names (``encoder.down_blocks.0.resnets.1.conv2.weight`` ...), so the
 converter only has to transpose convolution kernels to MLX's ``[out, kH, kW, in]``.
 
-Layout: every public method takes and returns STARFlow's channels-first tensors by default, images
-``(B, 3, H, W)`` in [-1, 1] and latents ``(B, 4, H/8, W/8)``; ``(B, T, C, H, W)`` stacks of frames are folded into
-the batch, as the official wrapper does for image VAEs. Pass ``channels_last=True`` to use MLX's native
-``(B, H, W, C)`` instead and skip the transposes. Internally everything runs channels-last.
+``SDVAE`` is a ``codec.LatentCodec``. Layout: every public method takes and returns STARFlow's channels-first
+tensors by default, images ``(B, 3, H, W)`` in [-1, 1] and latents ``(B, 4, H/8, W/8)``; ``(B, T, C, H, W)`` stacks
+of frames are folded into the batch, as the official wrapper does for image VAEs. Pass ``channels_last=True`` to use
+MLX's native ``(B, H, W, C)`` instead and skip the transposes. Internally everything runs channels-last.
 
-- ``encode(x) -> (mean, logvar)``: the diagonal Gaussian posterior, logvar clamped to [-30, 20] as diffusers does.
-- ``sample(x, key=None, noise=None)``: ``(mean + exp(logvar / 2) * eps - shift) * scaling_factor``, the latent
-  STARFlow trains on (shift is 0 for SD VAEs).
-- ``decode(z)``: ``z / scaling_factor + shift`` through the decoder, an image in roughly [-1, 1] (not clamped).
+- ``to_flow_latent(x, noise=None, key=None)``: ``(mean + exp(logvar / 2) * eps - shift) * scaling_factor``, the
+  latent STARFlow trains on (shift is 0 for SD VAEs).
+- ``from_flow_latent(z)``: ``z / scaling_factor + shift`` through the decoder, an image in roughly [-1, 1] (not
+  clamped); ``decode_stream()`` does the same one latent frame at a time.
+- ``encode(x) -> (mean, logvar)`` (lower level): the diagonal Gaussian posterior, logvar clamped to [-30, 20] as
+  diffusers does.
+
+The model computes in its weights' dtype (``weights.compute_dtype``) and returns float32.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from .tiling import tiled_apply
+from .codec import LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, sample_posterior
+from .tiling import default_overlap, tiled_apply
 from .config import Config
-from .weights import compute_dtype, load_model
+from .weights import KeyMap, compute_dtype, load_model
 
-# diffusers hard-codes these for AutoencoderKL: every norm uses eps 1e-6, the posterior clamps logvar.
+# diffusers hard-codes this for AutoencoderKL: every norm uses eps 1e-6 (the logvar clamp is in codec).
 NORM_EPS = 1e-6
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 @dataclass
@@ -298,8 +302,8 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SDVAE(nn.Module):
-    """diffusers ``AutoencoderKL`` (SD family): ``encode`` / ``sample`` / ``decode``, see the module docstring."""
+class SDVAE(CausalFrames, nn.Module):
+    """diffusers ``AutoencoderKL`` (SD family) as a ``codec.LatentCodec``; see the module docstring."""
 
     def __init__(self, config: SDVAEConfig):
         super().__init__()
@@ -311,6 +315,87 @@ class SDVAE(nn.Module):
             self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    # -- the LatentCodec contract ---------------------------------------------------------------------------------
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.downsample
+
+    @property
+    def temporal_factor(self) -> int:
+        return 1  # an image VAE: every latent frame is one frame
+
+    def to_flow_latent(
+        self, pixels: mx.array, *, noise: mx.array | None = None, key: mx.array | None = None,
+        channels_last: bool = False,
+    ) -> mx.array:
+        """STARFlow's latent ``(mean + std·ε - shift)·scaling_factor``, float32 (shift is 0 for SD VAEs).
+
+        ``noise`` is ε, shaped like the latent in the same layout (zeros: the scaled posterior mean); otherwise
+        ε ~ N(0, 1) from ``key`` (or MLX's global generator).
+        """
+        mean, logvar = self.encode(pixels, channels_last=channels_last)
+        z = sample_posterior(mean, logvar, noise, key)
+        if self.config.shift_factor is not None:
+            z = z - self.config.shift_factor
+        return z * self.config.scaling_factor
+
+    def from_flow_latent(
+        self, latent: mx.array, *, tile_size: int | None = None, tile_overlap: int | None = None,
+        channels_last: bool = False,
+    ) -> mx.array:
+        """Float32 pixels from flow latents (``z / scaling_factor + shift`` through the decoder), not clamped.
+
+        ``tile_size`` (in latent pixels, e.g. 64) decodes overlapping tiles one at a time to bound memory for large
+        images; the seams are blended over ``tile_overlap`` latent pixels. Results then differ slightly from the
+        untiled decode (per-tile GroupNorm statistics and attention).
+        """
+        z, frames = self._to_nhwc(latent, self.config.latent_channels, channels_last, "latent")
+        z = z.astype(mx.float32) / self.config.scaling_factor
+        if self.config.shift_factor is not None:
+            z = z + self.config.shift_factor
+        z = z.astype(compute_dtype(self))
+        if tile_size is None:
+            x = self.decode_nhwc(z)
+        else:
+            overlap = default_overlap(tile_size, tile_overlap)
+            x = tiled_apply(self.decode_nhwc, z, tile_size, overlap, self.config.downsample)
+        return self._from_nhwc(x.astype(mx.float32), frames, channels_last)
+
+    def decode_stream(
+        self, *, tile_size: int | None = None, tile_overlap: int | None = None, channels_last: bool = False,
+    ) -> "SDDecodeStream":
+        return SDDecodeStream(self, tile_size, tile_overlap, channels_last)
+
+    # -- lower level ----------------------------------------------------------------------------------------------
+
+    def encode(self, pixels: mx.array, *, channels_last: bool = False) -> tuple[mx.array, mx.array]:
+        """The posterior ``(mean, logvar)`` of images in [-1, 1], unscaled (diffusers' ``latent_dist``), float32."""
+        x, frames = self._to_nhwc(pixels, self.config.in_channels, channels_last, "pixels")
+        mean, logvar = self.encode_nhwc(x.astype(compute_dtype(self)))
+        return self._from_nhwc(mean, frames, channels_last), self._from_nhwc(logvar, frames, channels_last)
+
+    def encode_nhwc(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Channels-last core of ``encode``: (B, H, W, 3) in the weights' dtype -> float32 (mean, clamped logvar)."""
+        d = self.config.downsample
+        if x.shape[1] % d or x.shape[2] % d:
+            raise ValueError(f"image height and width must be multiples of {d}, got {x.shape[1]}x{x.shape[2]}")
+        h = self.encoder(x)
+        if "quant_conv" in self:
+            h = self.quant_conv(h)
+        mean, logvar = mx.split(h.astype(mx.float32), 2, axis=-1)
+        return mean, mx.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+    def decode_nhwc(self, z: mx.array) -> mx.array:
+        """Channels-last core of ``from_flow_latent``: unscaled (B, h, w, C) latents -> images, weights' dtype."""
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
 
     # -- layout helpers ------------------------------------------------------------------------------------------
 
@@ -339,80 +424,18 @@ class SDVAE(nn.Module):
             x = x.reshape(*frames, *x.shape[1:])
         return x
 
-    # -- channels-last core --------------------------------------------------------------------------------------
 
-    def encode_nhwc(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        d = self.config.downsample
-        if x.shape[1] % d or x.shape[2] % d:
-            raise ValueError(f"image height and width must be multiples of {d}, got {x.shape[1]}x{x.shape[2]}")
-        h = self.encoder(x)
-        if "quant_conv" in self:
-            h = self.quant_conv(h)
-        mean, logvar = mx.split(h, 2, axis=-1)
-        return mean, mx.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+class SDDecodeStream(LatentFrameStream):
+    """The SD VAE's ``codec.DecodeStream``: each latent frame decodes on its own to one image frame."""
 
-    def decode_nhwc(self, z: mx.array) -> mx.array:
-        if "post_quant_conv" in self:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+    def __init__(self, vae: SDVAE, tile_size: int | None, tile_overlap: int | None, channels_last: bool):
+        super().__init__(channels_last)
+        self.vae, self.tile_size, self.tile_overlap = vae, tile_size, tile_overlap
 
-    # -- public API (STARFlow layout by default) -----------------------------------------------------------------
-
-    def encode(self, x: mx.array, *, channels_last: bool = False) -> tuple[mx.array, mx.array]:
-        """Posterior ``(mean, logvar)`` of images in [-1, 1], unscaled (diffusers' ``latent_dist``)."""
-        x, frames = self._to_nhwc(x, self.config.in_channels, channels_last, "images")
-        mean, logvar = self.encode_nhwc(x)
-        return self._from_nhwc(mean, frames, channels_last), self._from_nhwc(logvar, frames, channels_last)
-
-    def sample(
-        self,
-        x: mx.array,
-        key: mx.array | None = None,
-        noise: mx.array | None = None,
-        *,
-        channels_last: bool = False,
-    ) -> mx.array:
-        """A scaled latent ``(mean + std * eps - shift) * scaling_factor``.
-
-        ``eps`` is ``noise`` when given (same shape and layout as the latent; zeros give the posterior mean),
-        otherwise standard normal drawn with ``key`` (or MLX's global generator).
-        """
-        mean, logvar = self.encode(x, channels_last=channels_last)
-        if noise is None:
-            noise = mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
-        elif tuple(noise.shape) != tuple(mean.shape):
-            raise ValueError(f"noise has shape {list(noise.shape)}, the latent has {list(mean.shape)}")
-        z = mean + mx.exp(0.5 * logvar) * noise
-        if self.config.shift_factor is not None:
-            z = z - self.config.shift_factor
-        return z * self.config.scaling_factor
-
-    def decode(
-        self,
-        z: mx.array,
-        *,
-        channels_last: bool = False,
-        tile_size: int | None = None,
-        tile_overlap: int = 8,
-    ) -> mx.array:
-        """Images from scaled latents (undoes ``sample``'s scaling). Output is not clamped.
-
-        ``tile_size`` (in latent pixels, e.g. 64) decodes overlapping tiles one at a time to bound memory for large
-        images; the seams are blended over ``tile_overlap`` latent pixels. Results then differ slightly from the
-        untiled decode (per-tile GroupNorm statistics and attention).
-        """
-        z, frames = self._to_nhwc(z, self.config.latent_channels, channels_last, "latents")
-        z = z / self.config.scaling_factor
-        if self.config.shift_factor is not None:
-            z = z + self.config.shift_factor
-        if tile_size is None:
-            x = self.decode_nhwc(z)
-        else:
-            x = tiled_apply(self.decode_nhwc, z, tile_size, tile_overlap, self.config.downsample)
-        return self._from_nhwc(x, frames, channels_last)
-
-    def __call__(self, z: mx.array, **kwargs) -> mx.array:
-        return self.decode(z, **kwargs)
+    def _decode(self, latent_frame: mx.array) -> mx.array:
+        x = self.vae.from_flow_latent(latent_frame, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                                      channels_last=self.channels_last)
+        return x[:, None]
 
 
 def load_sd_vae(folder: str | os.PathLike, dtype: mx.Dtype | None = None) -> SDVAE:
@@ -422,3 +445,26 @@ def load_sd_vae(folder: str | os.PathLike, dtype: mx.Dtype | None = None) -> SDV
     in float32, as STARFlow does.
     """
     return load_model(folder, SDVAEConfig, SDVAE, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Other spellings of the parameter names (``starflow-mlx convert sd-vae``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Names some checkpoints use -> the diffusers names (ours): the ``encoder.0/encoder.1/decoder.0/decoder.1`` prefixes
+# of STARFlow's fine-tuned VAE, an nn.Sequential(encoder, quant_conv) and an nn.Sequential(post_quant_conv, decoder),
+# and the attention names of diffusers < 0.14 (which diffusers itself still renames at load time).
+ALIASES = KeyMap(
+    [
+        ("encoder.0.{rest}", "encoder.{rest}"),
+        ("encoder.1.{rest}", "quant_conv.{rest}"),
+        ("decoder.0.{rest}", "post_quant_conv.{rest}"),
+        ("decoder.1.{rest}", "decoder.{rest}"),
+        ("{attention}.query.{p}", "{attention}.to_q.{p}"),
+        ("{attention}.key.{p}", "{attention}.to_k.{p}"),
+        ("{attention}.value.{p}", "{attention}.to_v.{p}"),
+        ("{attention}.proj_attn.{p}", "{attention}.to_out.0.{p}"),
+    ],
+    fields={"attention": r".+\.attentions\.\d+", "p": "weight|bias"},
+)

@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import Config
-from .weights import compute_dtype, load_model
+from .weights import KeyMap, compute_dtype, load_model
 
 # feed_forward_proj -> (gated, activation). Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new")
 # for backwards compatibility with the original T5 v1.1 / flan checkpoints, while a plain "gelu" is the exact one.
@@ -216,12 +216,14 @@ class T5Encoder(nn.Module):
         return bias.transpose(2, 0, 1)[None]
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        """``last_hidden_state`` [B, L, d_model] (padded rows are not zeroed here; see ``encode``)."""
+        """``last_hidden_state`` [B, L, d_model], float32, computed in the weights' dtype (padded rows are not zeroed
+        here; see ``encode``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
         B, L = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        bias = self.position_bias(L)
+        dtype = compute_dtype(self)  # the dtype policy: compute in the weights' dtype, hand on float32
+        x = self.embed_tokens(input_ids).astype(dtype)
+        bias = self.position_bias(L).astype(dtype)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, L):
                 raise ValueError(
@@ -234,10 +236,10 @@ class T5Encoder(nn.Module):
             bias = bias + keys_out
         for layer in self.layers:
             x = layer(x, bias)
-        return self.final_layer_norm(x)
+        return self.final_layer_norm(x).astype(mx.float32)
 
     def encode(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
-        """What STARFlow consumes: ``last_hidden_state * attention_mask[..., None]`` (padded rows exactly 0)."""
+        """What STARFlow consumes, float32: ``last_hidden_state * attention_mask[..., None]`` (padded rows 0)."""
         hidden = self(input_ids, attention_mask)
         return hidden * attention_mask[..., None].astype(hidden.dtype)
 
@@ -252,3 +254,24 @@ def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.ar
 def load_t5(folder: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> T5Encoder:
     """Load a folder written by ``starflow-mlx convert t5``; ``dtype`` casts its floating weights (e.g. "float32")."""
     return load_model(folder, T5Config, T5Encoder, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoint names (``starflow-mlx convert t5``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Hugging Face T5 encoder names -> ours (a T5EncoderModel / T5ForConditionalGeneration state dict, ``encoder.*``);
+# {w} is an attention projection, {f} a feed-forward matrix. Linear weights keep their [out, in] layout.
+HF_NAMES = KeyMap(
+    [
+        ("encoder.block.{i}.layer.0.SelfAttention.{w}.weight", "layers.{i}.attention.{w}.weight"),
+        ("encoder.block.{i}.layer.0.layer_norm.weight", "layers.{i}.attention_norm.weight"),
+        ("encoder.block.{i}.layer.1.DenseReluDense.{f}.weight", "layers.{i}.ffn.{f}.weight"),
+        ("encoder.block.{i}.layer.1.layer_norm.weight", "layers.{i}.ffn_norm.weight"),
+        ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias.weight"),
+        ("encoder.embed_tokens.weight", "embed_tokens.weight"),
+        ("encoder.final_layer_norm.weight", "final_layer_norm.weight"),
+    ],
+    fields={"w": "[qkvo]", "f": "wi_0|wi_1|wi|wo"},
+)

@@ -1,9 +1,9 @@
 """The Wan2.2 video VAE (the ``Wan2.2_VAE.pth`` of Wan2.2-TI2V-5B) used by STARFlow-V, in MLX.
 
-Layout: every public method takes and returns STARFlow's channels-first tensors by default, as the SD-VAE and the
-flow do: pixels are ``(B, T, 3, H, W)`` videos or ``(B, 3, H, W)`` images in [-1, 1]; latents are
-``(B, T', z_dim, H/16, W/16)`` (``(B, z_dim, H/16, W/16)`` for images). Pass ``channels_last=True`` to use MLX's
-native ``(B, T, H, W, C)`` / ``(B, H, W, C)`` instead and skip the transposes. Internally everything runs
+``WanVAE`` is a ``codec.LatentCodec``: ``to_flow_latent`` / ``from_flow_latent`` / ``decode_stream`` map STARFlow's
+channels-first pixels (``(B, T, 3, H, W)`` videos or ``(B, 3, H, W)`` images in [-1, 1]) to the flow latent
+``(B, T', z_dim, H/16, W/16)`` (``(B, z_dim, H/16, W/16)`` for images) and back. Pass ``channels_last=True`` to use
+MLX's native ``(B, T, H, W, C)`` / ``(B, H, W, C)`` instead and skip the transposes. Internally everything runs
 channels-last.
 
 Time is causal: ``T = 1 + 4k`` frames map to ``1 + k`` latent frames. The encoder runs on frame 0 alone and then on
@@ -11,9 +11,10 @@ groups of 4 frames; the decoder runs one latent frame at a time (the first yield
 causal convolution keeps the last two frames of its input between chunks (``_TimeCache``), which makes chunked
 processing exactly equal to processing the whole clip, and bounds memory by the chunk.
 
-Latent convention (STARFlow's wrapper around Wan): ``z = (mu - mean) * (1/std)`` per channel, then latent frames
-``>= 1`` are multiplied by ``temporal_scale`` (0.6) for videos; decoding undoes both (dividing by ``1/std``, as the
-reference code does). Images (4-D input) go through the same network as a 1-frame clip, with no temporal scale.
+Flow latent (STARFlow's wrapper around Wan): ``z = (mu - mean) * (1/std) + exp(0.5·clip(logvar))·ε`` per channel,
+then latent frames ``>= 1`` are multiplied by ``temporal_scale`` (0.6) for videos; decoding undoes both (dividing
+by ``1/std``, as the reference code does). Images (4-D input) go through the same network as a 1-frame clip, with
+no temporal scale. ``encode`` gives Wan's own posterior ``(mu, logvar)``, before that normalisation.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .tiling import blend_tiles, tile_windows
+from .codec import LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, sample_posterior
+from .tiling import blend_tiles, default_overlap, tile_windows
 from .config import Config
-from .weights import compute_dtype, load_model
+from .weights import KeyMap, compute_dtype, load_model
 
-CACHE_T = 2  # frames of left context each causal conv keeps between chunks
+CACHE_T = 2  # frames of earlier input each causal conv keeps between chunks
 
 # Per-channel latent statistics of Wan2.2_VAE (not stored in the checkpoint; constants of misc/wan_vae2.py).
 WAN22_LATENTS_MEAN = [
@@ -90,7 +92,7 @@ _REPLICATE = "first-chunk"  # marks an upsample3d slot that has seen only the fi
 
 
 class _TimeCache:
-    """Left-context frames of every causal site, in call order; one instance per encode/decode (per tile)."""
+    """Earlier frames kept by every causal site, in call order; one instance per encode / decode stream tile."""
 
     def __init__(self):
         self.slots: list = []
@@ -137,11 +139,12 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, tuple(kernel), stride=tuple(stride), padding=0)
         self.front, self.ph, self.pw = 2 * padding[0], padding[1], padding[2]
 
-    def __call__(self, x: mx.array, context: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, x: mx.array, history: Optional[mx.array] = None) -> mx.array:
+        """``history``: the previous chunk's last input frames, prepended in place of (part of) the front pad."""
         front = self.front
-        if context is not None and front > 0:
-            x = mx.concatenate([context.astype(x.dtype), x], axis=1)
-            front -= context.shape[1]
+        if history is not None and front > 0:
+            x = mx.concatenate([history.astype(x.dtype), x], axis=1)
+            front -= history.shape[1]
         if front or self.ph or self.pw:
             x = mx.pad(x, [(0, 0), (front, 0), (self.ph, self.ph), (self.pw, self.pw), (0, 0)])
         return super().__call__(x)
@@ -256,7 +259,7 @@ class Upsample(nn.Module):
                 if new.shape[1] < CACHE_T:
                     prev = old[:, -1:] if isinstance(old, mx.array) else mx.zeros_like(new)
                     new = mx.concatenate([prev, new], axis=1)
-                # The second chunk is zero-padded (no context), later ones use the kept frames.
+                # The second chunk is zero-padded (no history), later ones use the kept frames.
                 y = self.time_conv(x, old if isinstance(old, mx.array) else None)
                 cache.put(new)
                 B, T, H, W, C2 = y.shape
@@ -402,7 +405,9 @@ def _layout(channels_last: bool) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class WanVAE(nn.Module):
+class WanVAE(CausalFrames, nn.Module):
+    """The Wan2.2 VAE as a ``codec.LatentCodec`` (see the module docstring); ``encode`` is the lower-level posterior."""
+
     def __init__(self, config: WanVAEConfig):
         super().__init__()
         self.config = config
@@ -414,11 +419,67 @@ class WanVAE(nn.Module):
         self._mean = mx.array(config.latents_mean, dtype=mx.float32)
         self._inv_std = 1.0 / mx.array(config.latents_std, dtype=mx.float32)
 
-    # -- layout helpers -----------------------------------------------------------------------------------------
+    # -- the LatentCodec contract ---------------------------------------------------------------------------------
 
     @property
-    def dtype(self) -> mx.Dtype:
-        return self.quant_conv.weight.dtype
+    def latent_channels(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    def to_flow_latent(
+        self, pixels: mx.array, *, noise: Optional[mx.array] = None, key: Optional[mx.array] = None,
+        channels_last: bool = False,
+    ) -> mx.array:
+        """STARFlow's latent ``ts ⊙ ((mu - mean)/std + exp(0.5·clip(logvar, -30, 20))·ε)``, float32.
+
+        ``noise`` is ε, shaped like the latent in the same layout (zeros: the posterior mean); otherwise ε ~ N(0, 1)
+        from ``key``. ``ts`` scales latent frames >= 1 of a video (5-D pixels) by ``temporal_scale``.
+        """
+        mu, logvar, is_video = self._moments(pixels, channels_last)
+        mean = self._from_clip((mu - self._mean) * self._inv_std, is_video, channels_last)
+        z = sample_posterior(mean, self._from_clip(logvar, is_video, channels_last), noise, key)
+        s = self.config.temporal_scale
+        if not is_video or s == 1 or z.shape[1] < 2:
+            return z
+        return mx.concatenate([z[:, :1], z[:, 1:] * s], axis=1)
+
+    def from_flow_latent(
+        self, latent: mx.array, *, tile_size: Optional[int] = None, tile_overlap: Optional[int] = None,
+        channels_last: bool = False,
+    ) -> mx.array:
+        """The whole clip (5-D latent) or image (4-D) as float32 pixels in the latent's layout, not clamped.
+
+        The concatenation of ``decode_stream`` pushes, one latent frame at a time. ``tile_size`` (in latent pixels)
+        decodes spatial tiles overlapping by ``tile_overlap`` latent pixels, blended linearly (an approximation:
+        tiles do not see each other's neighbourhood).
+        """
+        z, is_video = self._to_clip(latent, channels_last, "latent")
+        self._check_z_dim(z, latent, channels_last)  # here, so the error names the caller's shape and layout
+        stream = self.decode_stream(tile_size=tile_size, tile_overlap=tile_overlap, channels_last=True)
+        x = mx.concatenate([stream.push(z[:, i]) for i in range(z.shape[1])], axis=1)
+        return self._from_clip(x, is_video, channels_last)
+
+    def decode_stream(
+        self, *, tile_size: Optional[int] = None, tile_overlap: Optional[int] = None, channels_last: bool = False,
+    ) -> "WanDecodeStream":
+        return WanDecodeStream(self, tile_size, tile_overlap, channels_last)
+
+    # -- lower level ----------------------------------------------------------------------------------------------
+
+    def encode(self, pixels: mx.array, *, channels_last: bool = False) -> tuple[mx.array, mx.array]:
+        """Wan's posterior ``(mu, logvar)``, float32, before STARFlow's normalisation (the flow sees
+        ``to_flow_latent``), in the pixels' layout; logvar clamped to [-30, 20] as diffusers does."""
+        mu, logvar, is_video = self._moments(pixels, channels_last)
+        return self._from_clip(mu, is_video, channels_last), self._from_clip(logvar, is_video, channels_last)
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
 
     @staticmethod
     def _to_clip(x: mx.array, channels_last: bool, what: str) -> tuple[mx.array, bool]:
@@ -436,26 +497,18 @@ class WanVAE(nn.Module):
             return x if channels_last else x.transpose(0, 3, 1, 2)
         return x if channels_last else x.transpose(0, 1, 4, 2, 3)
 
-    def _check_z_dim(self, z: mx.array, latents: mx.array, channels_last: bool) -> None:
+    def _check_z_dim(self, z: mx.array, latent: mx.array, channels_last: bool) -> None:
         if z.shape[-1] != self.config.z_dim:
-            raise ValueError(f"latents have {z.shape[-1]} channels, expected z_dim = {self.config.z_dim} "
-                             f"(shape {list(latents.shape)}, read as {_layout(channels_last)})")
+            raise ValueError(f"latent has {z.shape[-1]} channels, expected z_dim = {self.config.z_dim} "
+                             f"(shape {list(latent.shape)}, read as {_layout(channels_last)})")
 
-    def _temporal(self, z: mx.array, video: bool, temporal_scale: Optional[float], inverse: bool) -> mx.array:
-        s = self.config.temporal_scale if temporal_scale is None else temporal_scale
-        if not video or s == 1 or z.shape[1] < 2:
-            return z
-        rest = z[:, 1:] / s if inverse else z[:, 1:] * s
-        return mx.concatenate([z[:, :1], rest], axis=1)
-
-    # -- encoder ------------------------------------------------------------------------------------------------
-
-    def _moments(self, video: mx.array, channels_last: bool) -> tuple[mx.array, mx.array, bool]:
-        x, is_video = self._to_clip(video, channels_last, "video")
+    def _moments(self, pixels: mx.array, channels_last: bool) -> tuple[mx.array, mx.array, bool]:
+        """Wan's (mu, clamped logvar), float32 (B, T', h, w, z_dim), and whether the pixels were a video."""
+        x, is_video = self._to_clip(pixels, channels_last, "pixels")
         cfg = self.config
         B, T, H, W, C = x.shape
         if C != cfg.image_channels:
-            raise ValueError(f"expected {cfg.image_channels} colour channels, got shape {list(video.shape)} "
+            raise ValueError(f"expected {cfg.image_channels} colour channels, got shape {list(pixels.shape)} "
                              f"(read as {_layout(channels_last)})")
         f = cfg.spatial_factor
         if H % f or W % f:
@@ -463,7 +516,7 @@ class WanVAE(nn.Module):
         step = cfg.temporal_factor
         if (T - 1) % step:
             raise ValueError(f"a clip needs 1 + {step}·k frames (1, {1 + step}, {1 + 2 * step}, ...), got {T}")
-        x = patchify(x.astype(self.dtype), cfg.patch_size)
+        x = patchify(x.astype(compute_dtype(self)), cfg.patch_size)
         cache, outs = _TimeCache(), []
         for start, stop in [(0, 1)] + [(s, s + step) for s in range(1, T, step)]:
             cache.rewind()
@@ -472,98 +525,104 @@ class WanVAE(nn.Module):
             outs.append(out)
         h = self.quant_conv(mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
         mu, logvar = mx.split(h.astype(mx.float32), 2, axis=-1)
-        return mu, logvar, is_video
+        return mu, mx.clip(logvar, LOGVAR_MIN, LOGVAR_MAX), is_video
 
-    def encode(
-        self, video: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
-        channels_last: bool = False,
-    ) -> tuple[mx.array, mx.array]:
-        """(mean, logvar) of the posterior, float32, in the input's layout (channels-first unless ``channels_last``).
 
-        ``mean`` is the latent the flow sees at ε = 0: ``(mu - mean)·(1/std)``, frames >= 1 times the temporal scale
-        (videos only). ``logvar`` is Wan's raw log-variance (neither rescaled by std nor by the temporal scale).
-        ``normalize=False`` returns Wan's raw ``mu`` instead.
-        """
-        mu, logvar, is_video = self._moments(video, channels_last)
-        if normalize:
-            mu = self._temporal((mu - self._mean) * self._inv_std, is_video, temporal_scale, inverse=False)
-        return self._from_clip(mu, is_video, channels_last), self._from_clip(logvar, is_video, channels_last)
+class WanDecodeStream(LatentFrameStream):
+    """The Wan VAE's ``codec.DecodeStream``: one ``_TimeCache`` per spatial tile, carried from push to push.
 
-    def sample(
-        self, video: mx.array, key: Optional[mx.array] = None, *, noise: Optional[mx.array] = None,
-        temporal_scale: Optional[float] = None, channels_last: bool = False,
-    ) -> mx.array:
-        """STARFlow's stochastic latent: ``ts ⊙ ((mu - mean)/std + exp(0.5·clamp(logvar, -30, 20))·ε)``.
+    The first pushed latent frame decodes to 1 frame, each later one to ``temporal_factor`` (4); latent frames
+    after the first are divided by the temporal scale, all are un-normalised (``z / (1/std) + mean``) in float32.
+    """
 
-        ``noise`` (the ε, shaped like the latent in the same layout) makes it reproducible; otherwise ε ~ N(0, 1)
-        from ``key``. The latent is channels-first (B, T', z_dim, h, w) unless ``channels_last``.
-        """
-        mu, logvar, is_video = self._moments(video, channels_last)
-        mu = (mu - self._mean) * self._inv_std
-        if noise is None:
-            eps = mx.random.normal(mu.shape, key=key)
-        else:
-            eps, _ = self._to_clip(noise, channels_last, "noise")
-            if eps.shape != mu.shape:
-                expected = list(self._from_clip(mu, is_video, channels_last).shape)
-                raise ValueError(f"noise has shape {list(noise.shape)}, expected {expected}")
-            eps = eps.astype(mx.float32)
-        z = mu + mx.exp(0.5 * mx.clip(logvar, -30.0, 20.0)) * eps
-        z = self._temporal(z, is_video, temporal_scale, inverse=False)
-        return self._from_clip(z, is_video, channels_last)
+    def __init__(self, vae: WanVAE, tile_size: Optional[int], tile_overlap: Optional[int], channels_last: bool):
+        super().__init__(channels_last)
+        self.vae, self.tile_size, self.tile_overlap = vae, tile_size, tile_overlap
+        self.dtype = compute_dtype(vae)
+        self._tiles: list = []  # ((y0, x0, h, w), _TimeCache) per spatial tile
 
-    # -- decoder ------------------------------------------------------------------------------------------------
-
-    def decode_frames(
-        self, latents: mx.array, *, normalize: bool = True, temporal_scale: Optional[float] = None,
-        channels_last: bool = False, tile_size: Optional[int] = None, tile_overlap: int = 4,
-    ) -> Iterator[mx.array]:
-        """Decode latent frame by latent frame, yielding evaluated pixel chunks as they are ready.
-
-        The latents are (B, T', z_dim, h, w) (or (B, T', h, w, z_dim) with ``channels_last``). The first latent
-        frame gives 1 frame, each later one ``temporal_factor`` (4) frames, each chunk shaped (B, n, 3, H, W) (or
-        (B, n, H, W, 3) with ``channels_last``). Memory is bounded by one chunk, not the clip. ``tile_size`` (in
-        latent pixels) decodes spatial tiles of that size overlapping by ``tile_overlap`` latent pixels, blended
-        linearly (an approximation: tiles do not see each other's context).
-        """
-        z, is_video = self._to_clip(latents, channels_last, "latents")
-        if not is_video:
-            raise ValueError(f"decode_frames expects video latents (5-D), got shape {list(latents.shape)}; use decode")
-        self._check_z_dim(z, latents, channels_last)
-        cfg = self.config
-        z = z.astype(mx.float32)
-        if normalize:
-            z = self._temporal(z, True, temporal_scale, inverse=True)
-            z = z / self._inv_std + self._mean  # division by the reciprocal, as in the reference
-        B, T, h, w, _ = z.shape
-        windows = [(0, 0, h, w)] if tile_size is None else tile_windows(h, w, tile_size, tile_overlap)
-        caches = [_TimeCache() for _ in windows]
+    def _decode(self, latent_frame: mx.array) -> mx.array:
+        vae, cfg = self.vae, self.vae.config
+        z = latent_frame if self.channels_last else latent_frame.transpose(0, 2, 3, 1)
+        vae._check_z_dim(z, latent_frame, self.channels_last)
+        _, h, w, _ = z.shape
+        if not self.pushed:
+            windows = [(0, 0, h, w)] if self.tile_size is None else tile_windows(
+                h, w, self.tile_size, default_overlap(self.tile_size, self.tile_overlap))
+            self._tiles = [(window, _TimeCache()) for window in windows]
+        z = z.astype(mx.float32)[:, None]
+        if self.pushed:
+            z = z / cfg.temporal_scale
+        z = z / vae._inv_std + vae._mean  # division by the reciprocal, as in the reference
         f = cfg.spatial_factor
-        for i in range(T):
-            pieces = []
-            for (y0, x0, th, tw), cache in zip(windows, caches):
-                cache.rewind()
-                zi = self.post_quant_conv(z[:, i : i + 1, y0 : y0 + th, x0 : x0 + tw].astype(self.dtype))
-                out = unpatchify(self.decoder(zi, cache, first_chunk=i == 0), cfg.patch_size)
-                mx.eval(out, cache.arrays())
-                pieces.append((y0 * f, x0 * f, out))
-            out = blend_tiles(pieces, h * f, w * f)
-            mx.eval(out)
-            yield out if channels_last else out.transpose(0, 1, 4, 2, 3)
-
-    def decode(self, latents: mx.array, *, channels_last: bool = False, **kwargs) -> mx.array:
-        """Whole-clip decode (the concatenation of ``decode_frames``); 4-D image latents give images. No clamp.
-
-        Pixels come back in the latents' layout: (B, T, 3, H, W) / (B, 3, H, W), or channels-last with
-        ``channels_last``.
-        """
-        z, is_video = self._to_clip(latents, channels_last, "latents")
-        self._check_z_dim(z, latents, channels_last)  # here, so the error names the caller's shape and layout
-        chunks = list(self.decode_frames(z, channels_last=True, **kwargs))
-        x = mx.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
-        return self._from_clip(x, is_video, channels_last)
+        pieces = []
+        for (y0, x0, th, tw), cache in self._tiles:
+            cache.rewind()
+            zi = vae.post_quant_conv(z[:, :, y0 : y0 + th, x0 : x0 + tw].astype(self.dtype))
+            out = unpatchify(vae.decoder(zi, cache, first_chunk=not self.pushed), cfg.patch_size)
+            mx.eval(out, cache.arrays())
+            pieces.append((y0 * f, x0 * f, out))
+        out = blend_tiles(pieces, h * f, w * f).astype(mx.float32)
+        return out if self.channels_last else out.transpose(0, 1, 4, 2, 3)
 
 
 def load_wan_vae(folder: str | Path, dtype: Optional[mx.Dtype] = None) -> WanVAE:
     """A converted folder (``starflow-mlx convert wan-vae``) as a ready model; ``dtype`` casts the weights."""
     return load_model(folder, WanVAEConfig, WanVAE, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint names: ours <-> diffusers ``AutoencoderKLWan`` <-> the original ``Wan2.2_VAE.pth`` (convert wan-vae)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# diffusers names -> ours: RMS-norm gammas are our norms' weights, and the resamplers and the mid attention sit
+# one level higher in ours.
+DIFFUSERS_NAMES = KeyMap(
+    [
+        ("{pre}.{norm}.gamma", "{pre}.{norm}.weight"),
+        ("{pre}.conv_shortcut.{rest}", "{pre}.shortcut.{rest}"),
+        ("{side}.mid_block.attentions.0.{rest}", "{side}.mid_block.attention.{rest}"),
+        ("encoder.down_blocks.{i}.downsampler.resample.1.{rest}", "encoder.down_blocks.{i}.resample.conv.{rest}"),
+        ("encoder.down_blocks.{i}.downsampler.time_conv.{rest}", "encoder.down_blocks.{i}.resample.time_conv.{rest}"),
+        ("decoder.up_blocks.{i}.upsampler.resample.1.{rest}", "decoder.up_blocks.{i}.resample.conv.{rest}"),
+        ("decoder.up_blocks.{i}.upsampler.time_conv.{rest}", "decoder.up_blocks.{i}.resample.time_conv.{rest}"),
+    ],
+    fields={"norm": "norm|norm1|norm2|norm_out", "side": "encoder|decoder"},
+)
+
+
+def original_names(num_res_blocks: int = 2) -> KeyMap:
+    """Original Wan checkpoint names -> diffusers names (``.then(DIFFUSERS_NAMES)`` goes on to ours).
+
+    The original blocks are Sequentials: a down block holds its ``num_res_blocks`` residual blocks and then its
+    resampler, an up block ``num_res_blocks + 1`` and then its resampler; the middle is (resnet, attention, resnet).
+    """
+    n = num_res_blocks
+    return KeyMap(
+        [
+            ("conv1.{rest}", "quant_conv.{rest}"),
+            ("conv2.{rest}", "post_quant_conv.{rest}"),
+            ("{side}.conv1.{rest}", "{side}.conv_in.{rest}"),
+            ("{side}.head.0.{rest}", "{side}.norm_out.{rest}"),
+            ("{side}.head.2.{rest}", "{side}.conv_out.{rest}"),
+            ("{side}.middle.0.{rest}", "{side}.mid_block.resnets.0.{rest}"),
+            ("{side}.middle.1.{rest}", "{side}.mid_block.attentions.0.{rest}"),
+            ("{side}.middle.2.{rest}", "{side}.mid_block.resnets.1.{rest}"),
+            ("encoder.downsamples.{i}.downsamples.{down}.{rest}", "encoder.down_blocks.{i}.resnets.{down}.{rest}"),
+            (f"encoder.downsamples.{{i}}.downsamples.{n}.{{rest}}", "encoder.down_blocks.{i}.downsampler.{rest}"),
+            ("decoder.upsamples.{i}.upsamples.{up}.{rest}", "decoder.up_blocks.{i}.resnets.{up}.{rest}"),
+            (f"decoder.upsamples.{{i}}.upsamples.{n + 1}.{{rest}}", "decoder.up_blocks.{i}.upsampler.{rest}"),
+            ("{resnet}.residual.0.{rest}", "{resnet}.norm1.{rest}"),
+            ("{resnet}.residual.2.{rest}", "{resnet}.conv1.{rest}"),
+            ("{resnet}.residual.3.{rest}", "{resnet}.norm2.{rest}"),
+            ("{resnet}.residual.6.{rest}", "{resnet}.conv2.{rest}"),
+            ("{resnet}.shortcut.{rest}", "{resnet}.conv_shortcut.{rest}"),
+        ],
+        fields={
+            "side": "encoder|decoder",
+            "down": "|".join(map(str, range(n))),
+            "up": "|".join(map(str, range(n + 1))),
+            "resnet": r".+\.resnets\.\d+",
+        },
+    )

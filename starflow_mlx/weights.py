@@ -8,6 +8,8 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders:
 - ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each, ``model-0000i-of-0000N``) and a
   ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder and renamed into place.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
+- ``check_state_dict`` and ``KeyMap``: every key present with its shape, and the renames between a checkpoint's
+  names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``, ``t5.HF_NAMES``, ...).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
 import zipfile
@@ -245,6 +248,66 @@ def check_state_dict(
         raise CheckpointError(f"{source}: {len(problems)} problem(s) with the weights:\n  {shown}{more}")
 
 
+# Fields every KeyMap knows: a layer index, and any run of characters before or after a renamed part.
+KEY_FIELDS = {"i": r"\d+", "pre": r".+", "rest": r".+"}
+
+
+class KeyMap:
+    """The renames between a checkpoint's parameter names and ours, declared as ``(checkpoint, ours)`` template pairs.
+
+    A template is a whole parameter name in which ``{field}`` stands for a part matched by the regular expression
+    ``fields[field]`` (``KEY_FIELDS`` plus the map's own): ``("encoder.block.{i}.layer.0.layer_norm.weight",
+    "layers.{i}.attention_norm.weight")``. Each pair is a rewrite rule and every rule applies in turn: ``to_ours``
+    goes through the pairs first to last, and each pair whose checkpoint template matches the whole name (as the
+    earlier pairs left it) rewrites it into its own template with the same field values; ``to_checkpoint`` goes
+    the other way, last to first. A name that no template matches is kept. So rules that rename different parts of
+    one name (``{pre}.attn_blocks.{rest}`` and ``{pre}.mlp.main.0.{rest}``) compose, and ``then`` chains two maps
+    through an intermediate naming; the rules of a map must not match each other's results.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], fields: dict[str, str] | None = None):
+        fields = {**KEY_FIELDS, **(fields or {})}
+        # (checkpoint regex, our regex), (checkpoint template, our template): index 0 is the checkpoint side.
+        self.rules = [((_template_regex(a, fields), _template_regex(b, fields)), (a, b)) for a, b in pairs]
+
+    def then(self, other: "KeyMap") -> "KeyMap":
+        """Checkpoint names of ``self`` <-> our names of ``other``, where ``self``'s names are ``other``'s checkpoint
+        names (original Wan -> diffusers -> ours)."""
+        chained = KeyMap([])
+        chained.rules = self.rules + other.rules
+        return chained
+
+    def to_ours(self, name: str) -> str:
+        return self._apply(name, self.rules, 0)
+
+    def to_checkpoint(self, name: str) -> str:
+        return self._apply(name, reversed(self.rules), 1)
+
+    def rename(self, state: dict[str, mx.array], source: str | os.PathLike) -> dict[str, mx.array]:
+        """``state`` under our names; two checkpoint keys that become the same name are an error."""
+        out, origin = {}, {}
+        for key, value in state.items():
+            name = self.to_ours(key)
+            if name in out:
+                raise CheckpointError(f"{source}: keys {origin[name]!r} and {key!r} both stand for {name!r}")
+            out[name], origin[name] = value, key
+        return out
+
+    @staticmethod
+    def _apply(name: str, rules, side: int) -> str:
+        """Rewrite ``name`` from ``side`` (0: checkpoint, 1: ours) to the other side."""
+        for patterns, templates in rules:
+            match = patterns[side].fullmatch(name)
+            if match:
+                name = templates[1 - side].format(**match.groupdict())
+        return name
+
+
+def _template_regex(template: str, fields: dict[str, str]) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field name, literal, ..., literal
+    return re.compile("".join(f"(?P<{p}>{fields[p]})" if i % 2 else re.escape(p) for i, p in enumerate(parts)))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # MLX model folders
 # ----------------------------------------------------------------------------------------------------------------
@@ -262,6 +325,14 @@ def _shards(weights: dict[str, mx.array], shard_bytes: int) -> list[dict[str, mx
     return shards
 
 
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``out_dir`` as a Path; an existing one is refused unless ``overwrite`` (converters ask before reading)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    return out_dir
+
+
 def write_model_folder(
     out_dir: str | os.PathLike,
     config: dict,
@@ -276,9 +347,7 @@ def write_model_folder(
     Everything is written into a hidden temporary folder beside ``out_dir`` and renamed at the end; any failure
     (including Ctrl-C) removes the temporary folder, so ``out_dir`` is either complete or absent.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    out_dir = check_output_folder(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     old = None

@@ -1,16 +1,12 @@
-"""Shared fixtures: the official fixture folder, and tiny official-format checkpoints made on the fly."""
+"""Shared fixtures: tiny official-format checkpoints made on the fly (the official fixtures: tests/helpers.py)."""
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STARFLOW_SHARED", REPO.parent / "shared"))
-OFFICIAL_T2I_TINY = SHARED / "fixtures" / "official-t2i-tiny"
 
 # A tiny configuration shaped like the released T2V one (spec §3, "tiny video config used for verification").
 TINY_VIDEO_YAML = """arguments:
@@ -64,12 +60,6 @@ def diffusers_wan_decode_unclamped(vae, z):
         return unpatchify(torch.cat(outs, 2), 2)
 
 
-def official_fixture():
-    if not OFFICIAL_T2I_TINY.is_dir():
-        pytest.skip(f"official fixtures not found at {OFFICIAL_T2I_TINY} (set STARFLOW_SHARED)")
-    return OFFICIAL_T2I_TINY
-
-
 def randomize_(model, seed: int = 0) -> None:
     """Random non-trivial weights: the official init zeroes proj_out and the final norm, which would make every
     block the identity and every parity test pass trivially."""
@@ -102,11 +92,22 @@ def official_state_dict(model, config) -> dict:
     return sd
 
 
+@dataclass(frozen=True)
+class TinyVideo:
+    """The tiny T2V-shaped model: our torch reference with random weights, its official-format files, and the
+    float32 MLX folder converted from them."""
+
+    reference: object
+    config: object
+    checkpoint: Path
+    yaml: Path
+    folder: Path
+
+
 @pytest.fixture(scope="session")
-def tiny_video(tmp_path_factory):
-    """(reference model, config, checkpoint path, yaml path, converted float32 folder) for the tiny T2V config."""
+def tiny_video(tmp_path_factory) -> TinyVideo:
     torch = pytest.importorskip("torch")
-    from convert.flow import convert_flow
+    from starflow_mlx.convert.flow import convert_flow
     from starflow_mlx.config import load_official_yaml
     from tests.reference import StarFlow
 
@@ -120,4 +121,4 @@ def tiny_video(tmp_path_factory):
     ckpt = root / "model.pth"
     torch.save(official_state_dict(model, config), ckpt)
     folder = convert_flow(ckpt, yaml_path, root / "mlx")
-    return model, config, ckpt, yaml_path, folder
+    return TinyVideo(model, config, ckpt, yaml_path, folder)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,10 @@ spm = pytest.importorskip("sentencepiece")
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from convert.t5 import convert_t5  # noqa: E402
+from starflow_mlx.convert.t5 import convert_t5  # noqa: E402
 from starflow_mlx import cli  # noqa: E402
 from starflow_mlx.t5 import T5Config, load_t5, relative_position_buckets  # noqa: E402
-from starflow_mlx.weights import CheckpointError, UnsafeCheckpointError, read_config, sha256_file  # noqa: E402
+from starflow_mlx.weights import CheckpointError, read_config, sha256_file  # noqa: E402
 
 VOCAB = 203  # 200 SentencePiece pieces + 3 extra ids
 EXTRA_IDS = 3
@@ -53,8 +51,8 @@ def _write_tokenizer(folder: Path, spiece: bytes):
     (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": EXTRA_IDS}))
 
 
-@pytest.fixture(scope="module")
-def spiece(tmp_path_factory) -> bytes:
+def train_spiece() -> bytes:
+    """A 200-piece SentencePiece model (unigram) trained on random syllables: the tokenizer of the tiny T5s."""
     rng = np.random.default_rng(0)
     syllables = "ka lo mi ne ru sa to vi be da fe gu ho ji ku la mo ni pe qu ri se tu vo we xi yo zu".split()
     words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
@@ -65,6 +63,11 @@ def spiece(tmp_path_factory) -> bytes:
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
     )
     return model.getvalue()
+
+
+@pytest.fixture(scope="module")
+def spiece() -> bytes:
+    return train_spiece()
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +194,14 @@ def test_bfloat16_and_8bit(tmp_path, spiece, encoder_model, batch):
     model = load_t5(bf16)
     assert model.layers[0].attention.q.weight.dtype == mx.bfloat16
     out = model.encode(mx.array(ids.astype(np.int32)), mx.array(mask.astype(np.int32)))
-    assert out.dtype == mx.bfloat16
-    bf16_err = _rel_err(np.array(out.astype(mx.float32)), ref)
+    assert out.dtype == mx.float32  # computed in bfloat16, handed on in float32
+    bf16_err = _rel_err(np.array(out), ref)
     assert bf16_err < 5e-2
+    # it really computes in bfloat16: the float32 model with the same bf16-rounded weights gives other values
+    rounded = load_t5(bf16, dtype=mx.float32)
+    assert rounded.layers[0].attention.q.weight.dtype == mx.float32
+    want = rounded.encode(mx.array(ids.astype(np.int32)), mx.array(mask.astype(np.int32)))
+    assert 1e-4 < _rel_err(np.array(out), np.array(want)) < 5e-2
 
     q8 = convert_t5(src, tmp_path / "q8", q_bits=8, q_group_size=32)
     assert read_config(q8)["quantization"] == {"group_size": 32, "bits": 8}
@@ -241,7 +249,7 @@ def test_config_from_dict_validates():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad inputs: a clear error, and no output folder
+# Bad inputs: a clear error, and no output folder (test_converters.py has the cases every converter shares)
 
 
 @pytest.fixture
@@ -251,15 +259,6 @@ def bin_source(tmp_path, spiece, encoder_model):
     encoder_model.config.to_json_file(src / "config.json")
     _write_tokenizer(src, spiece)
     return src
-
-
-def test_missing_key(bin_source, encoder_model, tmp_path):
-    state = encoder_model.state_dict()
-    del state["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
-    torch.save(state, bin_source / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"missing key 'encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\.weight'"):
-        convert_t5(bin_source, tmp_path / "out")
-    _no_leftovers(tmp_path / "out")
 
 
 def test_shape_mismatch(bin_source, encoder_model, tmp_path):
@@ -273,38 +272,11 @@ def test_shape_mismatch(bin_source, encoder_model, tmp_path):
     _no_leftovers(tmp_path / "out")
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_code_running_pickle_is_refused(bin_source, encoder_model, tmp_path):
-    marker = tmp_path / "pwned"
-    state = dict(encoder_model.state_dict())
-    state["payload"] = _Exploit(marker)
-    torch.save(state, bin_source / "pytorch_model.bin")
-    with zipfile.ZipFile(bin_source / "pytorch_model.bin") as z:  # the pickle really references os.system
-        pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
-        assert b"system" in z.read(pkl)
-    with pytest.raises(UnsafeCheckpointError, match="system"):
-        convert_t5(bin_source, tmp_path / "out")
-    assert not marker.exists()
-    _no_leftovers(tmp_path / "out")
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_truncated_file(fmt, bin_source, encoder_model, tmp_path):
-    if fmt == "safetensors":
-        encoder_model.save_pretrained(tmp_path / "full")
-        data = (tmp_path / "full" / "model.safetensors").read_bytes()
-        path = bin_source / "model.safetensors"
-    else:
-        torch.save(encoder_model.state_dict(), tmp_path / "full.bin")
-        data = (tmp_path / "full.bin").read_bytes()
-        path = bin_source / "pytorch_model.bin"
+def test_truncated_safetensors(bin_source, encoder_model, tmp_path):
+    # (a truncated pytorch_model.bin is one of the cases of test_converters.py)
+    encoder_model.save_pretrained(tmp_path / "full")
+    data = (tmp_path / "full" / "model.safetensors").read_bytes()
+    path = bin_source / "model.safetensors"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=path.name):
         convert_t5(bin_source, tmp_path / "out")

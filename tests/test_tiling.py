@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from starflow_mlx.tiling import blend_tiles, tile_windows, tiled_apply
+from starflow_mlx.tiling import TILE_OVERLAP, blend_tiles, default_overlap, tile_windows, tiled_apply
 
 
 def test_tiled_apply_is_exact_for_local_functions():
@@ -35,3 +35,10 @@ def test_windows_cover_the_image_and_respect_the_overlap():
     assert tile_windows(6, 6, 8, 2) == [(0, 0, 6, 6)]
     with pytest.raises(ValueError, match="0 <= tile_overlap < tile_size, got 4 and 4"):
         tile_windows(10, 10, 4, 4)
+
+
+def test_default_overlap_is_shared_and_capped():
+    assert TILE_OVERLAP == 8
+    assert default_overlap(64, None) == 8 and default_overlap(32, None) == 8
+    assert default_overlap(10, None) == 5 and default_overlap(1, None) == 0  # at most half a tile
+    assert default_overlap(64, 3) == 3 and default_overlap(64, 0) == 0  # an explicit overlap is kept

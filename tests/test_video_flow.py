@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from starflow_mlx.flow import load_flow
+from starflow_mlx.sampler import SamplerOptions
+from tests.helpers import maxerr
 
 torch = pytest.importorskip("torch")
 
@@ -13,13 +15,9 @@ TOL = 1e-4
 B, T = 2, 3
 
 
-def maxerr(a, b) -> float:
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_video):
-    ref, config, _, _, folder = tiny_video
+    ref, config, folder = tiny_video.reference, tiny_video.config, tiny_video.folder
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, T, config.in_channels, config.img_size, config.img_size)).astype(np.float32)
     y = rng.standard_normal((B, config.txt_size, config.txt_dim)).astype(np.float32)
@@ -66,8 +64,9 @@ def test_shallow_blocks_are_local_per_frame(setup):
 def test_sequential_inverse_with_guidance_matches_reference(setup):
     model, ref, _, x, y, y_null = setup
     z = x[:1]
-    ours = model.reverse(mx.array(z), mx.array(y[:1]), guidance=3.0, text_null=mx.array(y_null))
-    theirs = ref.reverse(torch.from_numpy(z), torch.from_numpy(y[:1]), 3.0, torch.from_numpy(y_null))
+    guided = SamplerOptions(guidance=3.0)
+    ours = model.reverse(mx.array(z), mx.array(y[:1]), mx.array(y_null), guided)
+    theirs = ref.reverse(torch.from_numpy(z), torch.from_numpy(y[:1]), torch.from_numpy(y_null), guided)
     assert maxerr(ours, theirs) <= TOL
     plain = model.reverse(mx.array(z), mx.array(y[:1]))
     assert maxerr(plain, ours) > 1e-2

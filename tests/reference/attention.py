@@ -9,11 +9,12 @@ from .rope import apply_rope
 
 
 class KVCache:
-    """Un-rotated keys and values of one layer; ``rollback`` drops the newest entries, ``reset`` empties it."""
+    """Rotated keys (RoPE applied at insert) and values of one layer; ``trim`` drops the newest entries."""
 
-    def __init__(self):
+    def __init__(self, max_size=None):
         self.keys = self.values = None
         self.offset = 0
+        self.max_size = max_size  # the MLX cache preallocates; this one concatenates
 
     def update_and_fetch(self, keys, values):
         if self.keys is None:
@@ -24,9 +25,11 @@ class KVCache:
         self.offset = self.keys.shape[2]
         return self.keys, self.values
 
-    def rollback(self, n: int) -> None:
-        self.offset = max(0, self.offset - n)
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
         self.keys, self.values = self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        return n
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -49,11 +52,12 @@ class Attention(torch.nn.Module):
     def forward(self, x, cos, sin, mask="causal", cache=None):
         B, L, _ = x.shape
         q, k, v = (t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1))
+        start = 0 if cache is None else cache.offset
+        q = apply_rope(q, cos[start : start + L], sin[start : start + L]).to(x.dtype)
+        k = apply_rope(k, cos[start : start + L], sin[start : start + L]).to(x.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         lq, lk = q.shape[2], k.shape[2]
-        q = apply_rope(q, cos[lk - lq : lk], sin[lk - lq : lk]).to(x.dtype)
-        k = apply_rope(k, cos[:lk], sin[:lk]).to(x.dtype)
         if isinstance(mask, str):  # causal, bottom-right aligned when there are fewer queries than keys
             mask = None if lq == 1 else torch.ones(lq, lk, dtype=torch.bool, device=x.device).tril(lk - lq)
         out = F.scaled_dot_product_attention(q, k, v.to(x.dtype), attn_mask=mask, scale=self.scale)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from starflow_mlx.config import GAUSSIAN_LOG_NORM, FlowConfig
-from starflow_mlx.sampling import SEQUENTIAL, BlockStats, SamplerStats
+from starflow_mlx.flow import DEPRECATED  # the official buffers no computation reads
 
 from .attention import RMSNorm, TransformerLayer, KVCache
 from .rope import rope_table
@@ -18,7 +17,6 @@ from .rope import rope_table
 INV_SOFTPLUS_1 = 0.541324854612918
 DENOISER_STEP = 0.3
 DENOISER_LAYERS = 8
-DEPRECATED = re.compile(r"^(var|blocks\.\d+\.attn_mask|feat_rope\.freqs_(cos|sin))$")
 
 
 def guide(a, b, weight):
@@ -61,8 +59,8 @@ class MetaBlock(torch.nn.Module):
         return rope_table(h, w, frames, txt_len if self.txt_dim else 0, self.pt_seq_len, self.head_dim,
                           self.proj_in.weight.device)
 
-    def make_caches(self):
-        return [KVCache() for _ in self.attn_blocks]
+    def make_cache(self, max_size=None):
+        return [KVCache(max_size) for _ in self.attn_blocks]
 
     def hidden(self, slots, text, rope, caches=None):
         dtype = self.proj_in.weight.dtype
@@ -108,62 +106,6 @@ class MetaBlock(torch.nn.Module):
             a, b = guide(a, b, guidance)
         z = self.permute((x_in - b) / a, T).reshape(B, T, H, W, C)
         return z, -a.log(), x_in
-
-    @torch.no_grad()
-    def invert(self, z, text=None, guidance=0.0, caches=None, jacobi=SEQUENTIAL, window=None, context=16,
-               prefix=None, stats=None):
-        B, T, H, W, C = z.shape
-        S, F = T * H * W, H * W
-        caches = caches if caches is not None else self.make_caches()
-        stats = stats if stats is not None else BlockStats()
-        text = text if self.txt_dim else None
-        rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
-        zs = self.permute(z.reshape(B, S, C).float(), T)
-        if guidance > 0:
-            zs = torch.cat([zs, zs])
-        N = zs.shape[0]
-        x = torch.cat([self.sos(N), zs], 1)
-        start = 0
-        if prefix is not None:
-            start = prefix.shape[1]
-            x[:, 1 : 1 + start] = prefix.float().expand(N, start, C)
-        elif text is not None:
-            self.push_text(text, caches, rope)
-        span = S if window is None else min(S, window * F)
-        target = span
-        while True:
-            while start < target:
-                size = min(jacobi.block_size * (1 if start <= F else jacobi.growth), target - start)
-                for i in range(jacobi.max_iter):
-                    lo = start - F if (jacobi.previous_frame_init and i == 0 and start > F) else start
-                    a, b = self.step(x[:, lo : lo + size], caches, rope)
-                    if guidance > 0:
-                        a, b = guide(a, b, guidance)
-                    new = b + a * zs[:, start : start + size]
-                    diff = (new - x[:, start + 1 : start + 1 + size]).square().mean() / new.square().mean()
-                    x[:, start + 1 : start + 1 + size] = new
-                    stats.passes += 1
-                    stats.tokens += size
-                    if i == jacobi.max_iter - 1 or diff.item() < jacobi.threshold:
-                        break
-                    for cache in caches:
-                        cache.rollback(size)
-                stats.iterations.append(i + 1)
-                start += size
-            if target >= S:
-                break
-            target = min(S, target + span - context * F)
-            self.reencode(x[:, start + 1 - context * F : start + 1], text, caches, rope)
-            stats.reencodes += 1
-            stats.reencoded_tokens += context * F
-        return self.permute(x[:B, 1:], T).reshape(B, T, H, W, C)
-
-    def reencode(self, tokens, text, caches, rope):
-        for cache in caches:
-            cache.reset()
-        if text is not None:
-            self.push_text(text, caches, rope)
-        self.hidden(torch.cat([self.sos(tokens.shape[0]), tokens[:, :-1]], 1), None, rope, caches)
 
 
 def window_mask(txt_len, frames, frame_size, block_causal, window, device=None):
@@ -262,8 +204,17 @@ class StarFlow(torch.nn.Module):
         x = x.reshape(B, T, h, w, p, p, C).permute(0, 1, 6, 2, 4, 3, 5).reshape(B, T, C, h * p, w * p)
         return x if video else x[:, 0]
 
-    def _shallow_local(self, x, video):
-        return self.config.shallow_block_local and video and x.shape[1] > 1
+    def shallow_local(self, video, frames):
+        return self.config.shallow_block_local and video and frames > 1
+
+    def make_cache(self, frames, height, width, text_len, window=None):
+        p = self.config.patch_size
+        F = (height // p) * (width // p)
+        local = self.shallow_local(True, frames)
+        deep = text_len + F * (frames if window is None else min(frames, window))
+        return [block.make_cache(F if local else F * frames) for block in self.blocks[:-1]] + [
+            self.blocks[-1].make_cache(deep)
+        ]
 
     def forward(self, x, text, guidance=0.0, caches=None) -> FlowOutput:
         video = x.dim() == 5
@@ -271,7 +222,7 @@ class StarFlow(torch.nn.Module):
         B, T = h.shape[:2]
         outputs, logdets, prefixes = [h], [], []
         for i, block in enumerate(self.blocks[:-1]):
-            local = self._shallow_local(h, video)
+            local = self.shallow_local(video, T)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
             h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None)
             if local:
@@ -292,32 +243,14 @@ class StarFlow(torch.nn.Module):
         return torch.cat([text, text_null.expand_as(text)])
 
     @torch.no_grad()
-    def reverse(self, z, text, guidance=0.0, text_null=None, jacobi=SEQUENTIAL, window=None, context=16,
-                prefix=None, stats=None):
-        video = z.dim() == 5
-        stats = stats if stats is not None else SamplerStats()
-        n = len(self.blocks)
-        h = self.patchify(z.float())
-        h = self.blocks[-1].invert(
-            h, self.guided_text(text, text_null, guidance), guidance,
-            caches=prefix.caches[-1] if prefix else None, jacobi=jacobi, window=window, context=context,
-            prefix=prefix.tokens[-1] if prefix else None, stats=stats.block(n - 1))
-        B, T = h.shape[:2]
-        for i in reversed(range(n - 1)):
-            local = self._shallow_local(h, video)
-            inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            keep = prefix is not None and not local
-            h = self.blocks[i].invert(
-                inp, caches=prefix.caches[i] if keep else None, jacobi=jacobi,
-                prefix=prefix.tokens[i] if keep else None, stats=stats.block(i)).reshape(h.shape)
-        return self.unpatchify(h, video)
-
-    @torch.no_grad()
-    def context(self, x, text, guidance=0.0, text_null=None):
+    def prefill(self, x, text, guidance=0.0, text_null=None, frames=None):
         text = self.guided_text(text, text_null, guidance)
         if guidance > 0:
             x = torch.cat([x, x])
-        caches = [block.make_caches() for block in self.blocks]
+        video = x.dim() == 5
+        H, W = x.shape[-2:]
+        given = x.shape[1] if video else 1
+        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1])
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
@@ -325,30 +258,20 @@ class StarFlow(torch.nn.Module):
                 for cache in caches[i]:
                     cache.keep_batch(cache.keys.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
-        return Prefix(caches, tokens)
+        return Prefix(caches, tokens, text, guidance)
 
-    @torch.no_grad()
+    def reverse(self, z, text, text_null=None, options=None, prefix=None):
+        from .sampler import SamplerOptions, sample
+
+        return sample(self, z, text, text_null, options or SamplerOptions(), prefix)
+
     def denoise(self, x, text, window=None):
-        if not hasattr(self, "learnable_self_denoiser"):
-            return self.gradient_denoise(x, text)
-        net = self.learnable_self_denoiser
-        if x.dim() == 4:
-            return x - DENOISER_STEP * self.unpatchify(net(self.patchify(x), text, False), False)
-        x = x.clone()
-        T = x.shape[1]
-        steps = window or T
-        start, overlap = 0, 0
-        while True:
-            chunk = x[:, start : start + steps].clone()
-            pred = self.unpatchify(net(self.patchify(chunk), text, True), True)
-            x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
-            if start + steps >= T:  # later official passes write nothing (and never end if overlap >= steps)
-                break
-            overlap = self.config.denoiser_window if self.config.denoiser_window is not None else steps - 1
-            if overlap >= steps:
-                raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
-            start += steps - overlap
-        return x
+        from .sampler import denoise
+
+        return denoise(self, x, text, window)
+
+    def predict_noise(self, x, text, video):
+        return self.unpatchify(self.learnable_self_denoiser(self.patchify(x), text, video), True)
 
     def gradient_denoise(self, x, text, sigma=None):
         sigma = self.config.noise_std if sigma is None else sigma
@@ -363,6 +286,8 @@ class StarFlow(torch.nn.Module):
 class Prefix:
     caches: list
     tokens: list
+    text: torch.Tensor
+    guidance: float
 
 
 def load_official_state_dict(model: StarFlow, state: dict) -> None:

@@ -7,40 +7,25 @@ by ``T5ForConditionalGeneration`` / ``T5EncoderModel`` (keys ``encoder.*`` plus 
 ``lm_head.*`` are ignored and, where an index says a shard holds nothing else, that shard is never read. Pickled
 checkpoints go through ``read_state_dict`` (weights only; nothing in the pickle is executed).
 
-Names change (Hugging Face -> ours):
-``encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`` -> ``layers.{i}.attention.{q,k,v,o}``,
-``encoder.block.{i}.layer.0.layer_norm`` -> ``layers.{i}.attention_norm``,
-``encoder.block.{i}.layer.1.DenseReluDense.{wi_0,wi_1,wi,wo}`` -> ``layers.{i}.ffn.{...}``,
-``encoder.block.{i}.layer.1.layer_norm`` -> ``layers.{i}.ffn_norm``,
-``encoder.block.0.layer.0.SelfAttention.relative_attention_bias`` -> ``relative_attention_bias``,
-``encoder.embed_tokens`` (or the tied ``shared``) -> ``embed_tokens``, ``encoder.final_layer_norm`` unchanged.
-Linear weights keep their [out, in] layout. The tokenizer (``spiece.model``, and ``tokenizer.json`` /
+Names change as ``starflow_mlx.t5.HF_NAMES`` declares (``encoder.block.{i}.layer.0.SelfAttention.q`` ->
+``layers.{i}.attention.q`` ...; the tied ``shared`` embedding stands for ``encoder.embed_tokens``); Linear weights
+keep their [out, in] layout. The tokenizer (``spiece.model``, and ``tokenizer.json`` /
 ``tokenizer_config.json`` / ``special_tokens_map.json`` when present) is copied next to the weights.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from starflow_mlx.t5 import T5Config, T5Encoder
-from starflow_mlx.weights import (
-    CheckpointError,
-    check_state_dict,
-    parse_dtype,
-    quantize_model,
-    read_state_dict,
-    provenance,
-    write_model_folder,
-)
+from ..t5 import HF_NAMES, T5Config, T5Encoder
+from ..weights import CheckpointError, check_state_dict, read_state_dict
+from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
-log = logging.getLogger(__name__)
 
 # Kept in full precision when quantizing: the embedding is a lookup table (quantizing it would only save memory
 # at the cost of every token's vector) and the relative bias is tiny.
@@ -56,45 +41,6 @@ _HF_OPTIONAL = {
     "feed_forward_proj": "relu",
 }
 _HF_REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-
-# (Hugging Face name, our name); {i} is a layer index, {w} an attention projection, {f} a feed-forward matrix.
-_NAMES = [
-    ("encoder.block.{i}.layer.0.SelfAttention.{w}.weight", "layers.{i}.attention.{w}.weight"),
-    ("encoder.block.{i}.layer.0.layer_norm.weight", "layers.{i}.attention_norm.weight"),
-    ("encoder.block.{i}.layer.1.DenseReluDense.{f}.weight", "layers.{i}.ffn.{f}.weight"),
-    ("encoder.block.{i}.layer.1.layer_norm.weight", "layers.{i}.ffn_norm.weight"),
-    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "relative_attention_bias.weight"),
-    ("encoder.embed_tokens.weight", "embed_tokens.weight"),
-    ("encoder.final_layer_norm.weight", "final_layer_norm.weight"),
-]
-_FIELDS = {"i": r"(?P<i>\d+)", "w": r"(?P<w>[qkvo])", "f": r"(?P<f>wi_0|wi_1|wi|wo)"}
-
-
-def _compile(template: str) -> re.Pattern:
-    regex = re.escape(template)
-    for name, group in _FIELDS.items():
-        regex = regex.replace(re.escape("{" + name + "}"), group)
-    return re.compile(f"^{regex}$")
-
-
-_PATTERNS = [(_compile(hf), _compile(ours)) for hf, ours in _NAMES]
-
-
-def _rename(key: str, source: int) -> str:
-    """``source`` 0: Hugging Face -> ours; 1: ours -> Hugging Face."""
-    for patterns, names in zip(_PATTERNS, _NAMES):
-        match = patterns[source].match(key)
-        if match:
-            return names[1 - source].format(**match.groupdict())
-    return key
-
-
-def to_mlx_name(hf_key: str) -> str:
-    return _rename(hf_key, 0)
-
-
-def to_hf_name(key: str) -> str:
-    return _rename(key, 1)
 
 
 def _ignored(key: str) -> bool:
@@ -200,12 +146,10 @@ def convert_t5(
     overwrite: bool = False,
 ) -> Path:
     """Convert a Hugging Face T5 folder into an MLX T5 encoder folder; returns the output path."""
-    src, out_dir = Path(src), Path(out_dir)
+    out_dir = check_output(out_dir, dtype, overwrite)
+    src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
-    target_dtype = parse_dtype(dtype)
     config, hf = read_hf_config(src)
     tokenizer_files, extra_ids = _tokenizer_files(src, config)
 
@@ -220,38 +164,22 @@ def convert_t5(
     state = _normalize_keys(state)
 
     model = T5Encoder(config)
-    expected = {to_hf_name(k): v.shape for k, v in tree_flatten(model.parameters())}
+    expected = {HF_NAMES.to_checkpoint(k): v.shape for k, v in tree_flatten(model.parameters())}
     check_state_dict(expected, state, src if len(files) > 1 else files[0])
-    weights = {to_mlx_name(k): v.astype(target_dtype) for k, v in state.items()}
+    weights = HF_NAMES.rename(state, src)
     del state
 
-    quantization = None
-    if q_bits:
-        model.update(tree_unflatten(list(weights.items())))
-        quantization = quantize_model(model, q_bits, q_group_size, skip=QUANT_SKIP)
-        weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-
-    folder_config = {
-        **config.to_dict(),
-        "dtype": dtype,
-        "tokenizer": {"extra_ids": extra_ids, "files": sorted(tokenizer_files)},
-        "source": provenance(files, name_or_path=hf.get("_name_or_path", "")),
-        "converter_version": CONVERTER_VERSION,
-    }
-    if quantization:
-        folder_config["quantization"] = quantization
-    out = write_model_folder(out_dir, folder_config, weights, overwrite=overwrite, extra_files=tokenizer_files)
-    log.info("wrote %s (%d tensors, %s%s)", out, len(weights), dtype, f", {q_bits}-bit" if q_bits else "")
-    return out
+    return write_converted(
+        out_dir, config, weights, model, dtype=dtype, sources=files,
+        source_extra={"name_or_path": hf.get("_name_or_path", "")},
+        config_extra={"tokenizer": {"extra_ids": extra_ids, "files": sorted(tokenizer_files)}},
+        converter_version=CONVERTER_VERSION, q_bits=q_bits, q_group_size=q_group_size, quant_skip=QUANT_SKIP,
+        extra_files=tokenizer_files, overwrite=overwrite,
+    )
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("t5", help="Hugging Face T5 folder (flan-t5-xl) -> MLX T5 encoder folder")
     p.add_argument("src", help="Hugging Face model folder (config.json, weights, spiece.model)")
-    p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--q-bits", type=int, choices=[4, 8], default=None, help="quantize Linear layers (MLX affine)")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_arguments(p, quantize=True)
     p.set_defaults(func=lambda a: convert_t5(a.src, a.out, a.dtype, a.q_bits, a.q_group_size, a.overwrite))

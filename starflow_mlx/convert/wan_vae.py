@@ -8,15 +8,15 @@ Two source layouts are accepted:
 - a diffusers ``AutoencoderKLWan`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, possibly
   sharded, or a pipeline folder with a ``vae/`` subfolder) configured as Wan2.2 (``is_residual``, ``patch_size`` 2).
 
-Both become the same folder: our parameter names (``starflow_mlx/wan_vae.py``), MLX layouts (conv weights
-``[O, I, k...]`` -> ``[O, k..., I]``, 1x1 convs -> Linear ``[O, I]``, norm gammas -> ``[C]``), and a config.json
-with the widths, the latent mean/std, the STARFlow temporal scale and the source's sha256.
+Both become the same folder: our parameter names (``starflow_mlx/wan_vae.py``, whose ``DIFFUSERS_NAMES`` and
+``original_names`` declare the renames), MLX layouts (conv weights ``[O, I, k...]`` -> ``[O, k..., I]``, 1x1 convs
+-> Linear ``[O, I]``, norm gammas -> ``[C]``), and a config.json with the widths, the latent mean/std, the STARFlow
+temporal scale and the source's sha256.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,75 +24,23 @@ from typing import Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVAE, WanVAEConfig
-from starflow_mlx.weights import (
-    CheckpointError,
-    cast_floating,
-    check_state_dict,
-    parse_dtype,
-    read_state_dict,
-    provenance,
-    write_model_folder,
+from ..wan_vae import (
+    DIFFUSERS_NAMES,
+    WAN22_LATENTS_MEAN,
+    WAN22_LATENTS_STD,
+    WanVAE,
+    WanVAEConfig,
+    original_names,
 )
+from ..weights import CheckpointError, check_state_dict, read_state_dict
+from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
-log = logging.getLogger("starflow_mlx")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Names: ours -> diffusers -> original Wan
+# Layouts
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def ours_to_diffusers(key: str) -> str:
-    """Our parameter name -> the diffusers ``AutoencoderKLWan`` name."""
-    key = re.sub(r"\.norm(1|2|_out)?\.weight$", r".norm\1.gamma", key)
-    key = key.replace(".shortcut.", ".conv_shortcut.")
-    key = key.replace("mid_block.attention.", "mid_block.attentions.0.")
-    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resample\.conv\.", r"encoder.down_blocks.\1.downsampler.resample.1.", key)
-    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resample\.", r"encoder.down_blocks.\1.downsampler.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resample\.conv\.", r"decoder.up_blocks.\1.upsampler.resample.1.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resample\.", r"decoder.up_blocks.\1.upsampler.", key)
-    return key
-
-
-_RESNET_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
-                 "conv2": "residual.6", "conv_shortcut": "shortcut"}
-
-
-def diffusers_to_original(key: str, num_res_blocks: int) -> str:
-    """A diffusers ``AutoencoderKLWan`` (Wan2.2, residual blocks) name -> the original Wan checkpoint name."""
-    top = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
-    head, _, rest = key.partition(".")
-    if head in top:
-        return f"{top[head]}.{rest}"
-    side, _, rest = key.partition(".")  # "encoder" / "decoder"
-    for ours, orig in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
-        if rest.startswith(ours):
-            return f"{side}.{orig}{rest[len(ours):]}"
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)$", rest)
-    if m:
-        kind, i, tail = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "attentions":
-            return f"{side}.middle.{2 * i + 1}.{tail}"
-        return f"{side}.middle.{2 * i}.{_resnet_part(tail)}"
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.*)$", rest)
-    if m:
-        outer = "downsamples" if m.group(1) == "down_blocks" else "upsamples"
-        block, tail = m.group(2), m.group(5)
-        if m.group(4) is not None:
-            return f"{side}.{outer}.{block}.{outer}.{m.group(4)}.{_resnet_part(tail)}"
-        # The resampler is the last entry of the block's Sequential, after its residual blocks.
-        index = num_res_blocks if outer == "downsamples" else num_res_blocks + 1
-        return f"{side}.{outer}.{block}.{outer}.{index}.{tail}"
-    return key
-
-
-def _resnet_part(tail: str) -> str:
-    for ours, orig in _RESNET_PARTS.items():
-        if tail == ours or tail.startswith(ours + "."):
-            return orig + tail[len(ours):]
-    return tail
 
 
 def source_shape(key: str, shape: tuple) -> tuple:
@@ -243,41 +191,37 @@ def convert_wan_vae(
     ``dim_mult``/``num_res_blocks``/``temporal_downsample`` apply to the original format only (diffusers folders
     carry them in config.json); the defaults are Wan2.2's.
     """
-    src, out_dir = Path(src), Path(out_dir)
-    target = parse_dtype(dtype)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    out_dir = check_output(out_dir, dtype, overwrite)
+    src = Path(src)
     if src.is_dir():
         config_path, files = _diffusers_files(src)
         cfg = _config_from_diffusers(config_path, latents_mean, latents_std)
         sd = {}
         for f in files:
             sd.update(read_state_dict(f))
-        source_format, naming = "diffusers", ours_to_diffusers
+        source_format, names = "diffusers", DIFFUSERS_NAMES
         sources = files
     elif src.is_file():
         sd = read_state_dict(src)
         arch = dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal_downsample)
         cfg = _config_from_original(sd, src, latents_mean, latents_std, arch)
-        source_format = "wan"
-        naming = lambda k: diffusers_to_original(ours_to_diffusers(k), cfg.num_res_blocks)  # noqa: E731
+        source_format, names = "wan", original_names(cfg.num_res_blocks).then(DIFFUSERS_NAMES)
         sources = [src]
     else:
         raise CheckpointError(f"{src}: no such file or folder")
     cfg.temporal_scale = float(temporal_scale)
 
     # Our parameter shapes (the model is built lazily: nothing is allocated), mapped back to source names/shapes.
-    ours = dict(tree_flatten(WanVAE(cfg).parameters()))
-    names = {k: naming(k) for k in ours}
-    check_state_dict({names[k]: source_shape(k, v.shape) for k, v in ours.items()}, sd, src)
-    weights = {k: to_mlx_layout(sd[names[k]], v.shape) for k, v in ours.items()}
-    weights = cast_floating(weights, target)
+    model = WanVAE(cfg)
+    ours = dict(tree_flatten(model.parameters()))
+    source_names = {k: names.to_checkpoint(k) for k in ours}
+    check_state_dict({source_names[k]: source_shape(k, v.shape) for k, v in ours.items()}, sd, src)
+    weights = {k: to_mlx_layout(sd[source_names[k]], v.shape) for k, v in ours.items()}
 
-    config = cfg.to_dict()
-    config.update(dtype=dtype, source=provenance(sources, format=source_format), converter_version=CONVERTER_VERSION)
-    write_model_folder(out_dir, config, weights, overwrite=overwrite)
-    log.info("wrote %s (%d tensors, %s, from %s layout)", out_dir, len(weights), dtype, source_format)
-    return out_dir
+    return write_converted(
+        out_dir, cfg, weights, model, dtype=dtype, sources=sources, source_extra={"format": source_format},
+        converter_version=CONVERTER_VERSION, overwrite=overwrite,
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -287,9 +231,7 @@ def add_parser(subparsers) -> None:
         description="Convert the Wan2.2 VAE used by STARFlow-V into an MLX model folder.",
     )
     p.add_argument("src", help="Wan2.2_VAE.pth, or a diffusers AutoencoderKLWan folder (config.json + safetensors)")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_output_arguments(p)
     p.add_argument("--temporal-scale", type=float, default=0.6,
                    help="STARFlow's scale on latent frames >= 1 (the ':0.6' of the vae name)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=lambda a: convert_wan_vae(a.src, a.out, a.dtype, a.overwrite, temporal_scale=a.temporal_scale))

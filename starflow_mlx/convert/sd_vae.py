@@ -7,35 +7,25 @@ Accepted sources:
 - a bare ``.safetensors`` / ``.bin`` file: the architecture then comes from ``config=`` (a diffusers config.json)
   when given, otherwise it is read off the tensor shapes (norm groups and scaling factor keep the SD defaults).
 
-Key names: the current diffusers attention names (``to_q/to_k/to_v/to_out.0``) and the older ones
-(``query/key/value/proj_attn``, which diffusers still renames at load time) are both accepted; old-style attention
-weights stored as 1x1 convolutions ``[C, C, 1, 1]`` are squeezed to ``[C, C]``. The ``encoder.0/encoder.1/
-decoder.0/decoder.1`` prefixes of STARFlow's fine-tuned VAE checkpoints (an ``nn.Sequential`` of encoder and
-quant_conv, post_quant_conv and decoder) are mapped back to the diffusers names. Everything else must match exactly.
+Key names: the diffusers names, or the other spellings ``starflow_mlx.sd_vae.ALIASES`` declares (the attention
+names of diffusers < 0.14, ``query/key/value/proj_attn``, and the ``encoder.0/encoder.1/decoder.0/decoder.1``
+prefixes of STARFlow's fine-tuned VAE checkpoints); old-style attention weights stored as 1x1 convolutions
+``[C, C, 1, 1]`` are squeezed to ``[C, C]``. Everything else must match exactly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.sd_vae import SDVAE, SDVAEConfig
-from starflow_mlx.weights import (
-    CheckpointError,
-    cast_floating,
-    check_state_dict,
-    parse_dtype,
-    read_state_dict,
-    provenance,
-    write_model_folder,
-)
+from ..sd_vae import ALIASES, SDVAE, SDVAEConfig
+from ..weights import CheckpointError, check_state_dict, read_state_dict
+from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
 WEIGHT_NAMES = (
@@ -44,17 +34,8 @@ WEIGHT_NAMES = (
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.fp16.bin",
 )
-_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_OLD_ATTENTION_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-# STARFlow fine-tuned VAE layout: Sequential(encoder, quant_conv) and Sequential(post_quant_conv, decoder).
-_SEQUENTIAL_PREFIXES = {
-    "encoder.0.": "encoder.",
-    "encoder.1.": "quant_conv.",
-    "decoder.0.": "post_quant_conv.",
-    "decoder.1.": "decoder.",
-}
 
-log = logging.getLogger("starflow_mlx")
+log = logging.getLogger(__name__)
 
 
 def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, dict | None]:
@@ -86,28 +67,14 @@ def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, d
         raise CheckpointError(f"{config}: cannot read the VAE config: {e}") from None
 
 
-def _normalise_names(state: dict[str, mx.array], source: Path) -> dict[str, mx.array]:
-    """Map the accepted key spellings onto the diffusers names; squeeze 1x1-conv attention weights."""
-    if any(k.startswith(tuple(_SEQUENTIAL_PREFIXES)) for k in state):
-        renamed = {}
-        for key, value in state.items():
-            for old, new in _SEQUENTIAL_PREFIXES.items():
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
-            renamed[key] = value
-        state = renamed
-    out = {}
-    for key, value in state.items():
-        m = _OLD_ATTENTION_RE.match(key)
-        if m:
-            key = f"{m.group(1)}.{_OLD_ATTENTION[m.group(2)]}.{m.group(3)}"
-        if ".attentions." in key and key.endswith(".weight") and value.ndim == 4 and value.shape[2:] == (1, 1):
-            value = value.reshape(value.shape[:2])
-        if key in out:
-            raise CheckpointError(f"{source}: key {key!r} appears under both the old and the new attention names")
-        out[key] = value
-    return out
+def _squeeze_attention(state: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Attention weights stored as 1x1 convolutions ``[C, C, 1, 1]`` (old diffusers) -> Linear ``[C, C]``."""
+    return {
+        key: value.reshape(value.shape[:2])
+        if ".attentions." in key and key.endswith(".weight") and value.ndim == 4 and value.shape[2:] == (1, 1)
+        else value
+        for key, value in state.items()
+    }
 
 
 def _infer_config(state: dict[str, mx.array], source: Path) -> dict:
@@ -156,12 +123,10 @@ def convert_sd_vae(
     config: str | os.PathLike | dict | None = None,
 ) -> Path:
     """Convert ``src`` (diffusers VAE folder or weights file) into the MLX folder ``out_dir``; return its path."""
-    src, out_dir = Path(src), Path(out_dir)
-    target = parse_dtype(dtype)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
+    out_dir = check_output(out_dir, dtype, overwrite)
+    src = Path(src)
     weights_path, diffusers_cfg = _locate(src, config)
-    state = _normalise_names(read_state_dict(weights_path), weights_path)
+    state = _squeeze_attention(ALIASES.rename(read_state_dict(weights_path), weights_path))
     if diffusers_cfg is None:
         diffusers_cfg = _infer_config(state, weights_path)
     try:
@@ -174,27 +139,15 @@ def convert_sd_vae(
     check_state_dict(expected, state, weights_path)
 
     weights = {}
-    for key, value in state.items():
+    for key, value in sorted(state.items()):
         if not mx.issubdtype(value.dtype, mx.floating):
             raise CheckpointError(f"{weights_path}: key {key!r} has dtype {value.dtype}, expected a floating tensor")
-        if value.ndim == 4:
-            value = value.transpose(0, 2, 3, 1)
-        weights[key] = value
-    weights = cast_floating(weights, target)
-    mx.eval(weights)
+        weights[key] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
 
-    record = {
-        **cfg.to_dict(),
-        "converter_version": CONVERTER_VERSION,
-        "dtype": dtype,
-        "source": provenance([weights_path]),
-    }
-    return write_model_folder(out_dir, record, dict(sorted(weights.items())), overwrite=overwrite)
-
-
-def _run(args: argparse.Namespace) -> None:
-    out = convert_sd_vae(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, config=args.config)
-    log.info("wrote %s", out)
+    return write_converted(
+        out_dir, cfg, weights, model, dtype=dtype, sources=[weights_path], converter_version=CONVERTER_VERSION,
+        overwrite=overwrite,
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -207,8 +160,6 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("src", help="diffusers VAE folder, or a .safetensors / .bin weights file")
-    p.add_argument("out", help="output MLX model folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype")
+    add_output_arguments(p)
     p.add_argument("--config", default=None, help="diffusers config.json to use for a bare weights file")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=lambda a: convert_sd_vae(a.src, a.out, dtype=a.dtype, overwrite=a.overwrite, config=a.config))

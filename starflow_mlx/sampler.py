@@ -1,0 +1,469 @@
+"""Sampling a flow: its inverse, solved block by block, as a stream of events (spec §5.2-§5.7).
+
+The flow (``flow.py``) is the architecture: blocks, their ``step`` and ``affine``, permutations, the prefill
+(context) pass. This module decides *how* to invert it, and reports as it goes:
+
+- ``stream_sample`` inverts the deep block first (guidance, the text prefix, the sliding window of long videos, a
+  prefix of given frames), then the shallow blocks; it yields ``ChunkSolved`` after every chunk of every block,
+  ``WindowMoved`` when the sliding window re-encodes its context, ``FrameSampled`` as soon as a latent frame is
+  final, and lastly ``Sampled`` with the whole latent and the statistics. A caller streams, reports progress, or
+  stops (by no longer iterating: nothing else needs cancelling) between any two events.
+- ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk.
+- ``sample`` / ``denoise`` run those to the end and return the array.
+
+The solvers: the sequential inverse is block-wise Jacobi with one token per chunk and a single pass, so both share
+one loop (``BlockSolve``), and both call the block's ``step`` exactly as the forward pass computes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import mlx.core as mx
+
+from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Jacobi:
+    """Block-wise Jacobi iteration (spec §5.3): chunks of ``block_size`` tokens while in the first frame and
+    ``growth`` times that after, iterated until the relative change is below ``threshold`` or ``max_iter``."""
+
+    block_size: int = 32
+    threshold: float = 1e-3
+    max_iter: int = 32
+    growth: int = 4
+    previous_frame_init: bool = True  # start each chunk from the previous frame's tokens at the same positions
+
+    def __post_init__(self):
+        for name in ("block_size", "max_iter", "growth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Jacobi {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold) or self.threshold < 0:
+            raise ValueError(f"Jacobi threshold must be a number >= 0, got {self.threshold!r}")
+
+
+# The sequential inverse is the same loop with one token per chunk, solved exactly in one pass.
+SEQUENTIAL = Jacobi(block_size=1, threshold=math.inf, max_iter=1, growth=1, previous_frame_init=False)
+
+# Official sample.py's --context_length default: latent frames a sliding window carries over when it moves.
+DEFAULT_OVERLAP = 16
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How to invert the flow. Validated on construction; every error names the field and the value.
+
+    - ``guidance``: classifier-free guidance weight in the deep block (0: none; needs ``text_null``).
+    - ``solver``: ``SEQUENTIAL`` or a ``Jacobi(...)``.
+    - ``window``: the deep block's sliding window in latent frames; ``None`` takes the model's
+      ``local_attn_window`` (the window it was trained with; no window if it has none).
+    - ``overlap``: latent frames a window shares with the next one, re-encoded when it moves; ``None`` takes the
+      official default (16) capped at ``window - 1``.
+    - ``stream_frames``: for video models whose shallow blocks work within a frame (``shallow_block_local``),
+      invert the shallow blocks frame by frame as soon as the deep block has finished a frame, so that
+      ``FrameSampled`` events arrive while the deep block is still solving later frames. The official sampler
+      inverts each shallow block over all frames at once: the sequential solver gives the same result both ways,
+      Jacobi's stopping test then sees one frame instead of all, so results differ within its threshold.
+    """
+
+    guidance: float = 0.0
+    solver: Jacobi = SEQUENTIAL
+    window: int | None = None
+    overlap: int | None = None
+    stream_frames: bool = False
+
+    def __post_init__(self):
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+        if not isinstance(self.solver, Jacobi):
+            raise ValueError(f"solver must be SEQUENTIAL or a Jacobi(...), got {self.solver!r}")
+        for name in ("window", "overlap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer number of latent frames or None, got {value!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 latent frame, got {self.window}")
+        if self.overlap is not None and self.overlap < 0:
+            raise ValueError(f"overlap must be >= 0 latent frames, got {self.overlap}")
+        if self.window is not None and self.overlap is not None and self.overlap >= self.window:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window}) so the window moves")
+
+    def sliding_window(self, flow: StarFlow) -> tuple[int, int] | None:
+        """(window, overlap) in latent frames for this flow, or None without a sliding window."""
+        window = self.window if self.window is not None else flow.config.local_attn_window
+        if window is None:
+            return None
+        overlap = self.overlap if self.overlap is not None else min(DEFAULT_OVERLAP, window - 1)
+        if overlap >= window:
+            raise ValueError(f"overlap ({overlap}) must be smaller than window ({window}) so the window moves")
+        return window, overlap
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and events
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockStats:
+    """What one block's inverse cost: transformer passes, tokens pushed through them, iterations per chunk."""
+
+    passes: int = 0
+    tokens: int = 0
+    iterations: list[int] = field(default_factory=list)
+    reencodes: int = 0  # sliding-window moves
+    reencoded_tokens: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return len(self.iterations)
+
+
+@dataclass
+class SamplerStats:
+    blocks: dict[int, BlockStats] = field(default_factory=dict)  # by block index (the deep block is the last)
+
+    def block(self, index: int) -> BlockStats:
+        return self.blocks.setdefault(index, BlockStats())
+
+    @property
+    def deep(self) -> BlockStats:
+        return self.blocks[max(self.blocks)]
+
+    def summary(self) -> dict:
+        return {
+            i: {"passes": s.passes, "tokens": s.tokens, "chunks": s.chunks, "max_iterations": max(s.iterations, default=0),
+                "reencodes": s.reencodes}
+            for i, s in sorted(self.blocks.items())
+        }
+
+
+@dataclass(frozen=True)
+class ChunkSolved:
+    """Block ``block`` has solved its tokens ``start`` .. ``stop - 1`` of ``total`` (its own token order) in
+    ``iterations`` passes. For a block that works within frames, ``total`` counts one frame of the batch."""
+
+    block: int
+    start: int
+    stop: int
+    total: int
+    iterations: int
+
+
+@dataclass(frozen=True)
+class WindowMoved:
+    """The deep block's sliding window moved: its caches restarted from the text and ``overlap`` frames."""
+
+    block: int
+    first_frame: int  # first latent frame of the new window
+    overlap: int
+
+
+@dataclass(frozen=True)
+class FrameSampled:
+    """Latent frame ``index`` is final (every block inverted; before the denoiser): (B, C, H, W), float32."""
+
+    index: int
+    latent: mx.array
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The last event: the whole latent, in the layout of the noise it was sampled from, and what it cost."""
+
+    latent: mx.array
+    stats: SamplerStats
+
+
+@dataclass(frozen=True)
+class FramesDenoised:
+    """The denoiser has finished latent frames ``start`` .. ``stop - 1`` of ``total``."""
+
+    start: int
+    stop: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """The last denoising event: the denoised latent."""
+
+    latent: mx.array
+
+
+SampleEvent = Union[ChunkSolved, WindowMoved, FrameSampled, Sampled]
+DenoiseEvent = Union[FramesDenoised, Denoised]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One block's inverse
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BlockSolve:
+    """Inverts one block on z (B, T, H, W, C), chunk by chunk (``run`` yields the events).
+
+    ``text`` has 2B rows [cond; uncond] when ``guidance`` > 0. ``prefix`` (permuted tokens of the first frames,
+    already in ``caches`` together with the text, from a prefill) is kept and solving starts after it.
+    ``window`` = (window, overlap) in frames turns on the sliding window.
+    """
+
+    def __init__(
+        self,
+        block: MetaBlock,
+        index: int,
+        z: mx.array,
+        caches: list,
+        solver: Jacobi,
+        stats: BlockStats,
+        text: mx.array | None = None,
+        guidance: float = 0.0,
+        window: tuple[int, int] | None = None,
+        prefix: mx.array | None = None,
+    ):
+        B, T, H, W, C = z.shape
+        self.block, self.index, self.caches, self.solver, self.stats = block, index, caches, solver, stats
+        self.shape, self.frame_size, self.total = z.shape, H * W, T * H * W
+        self.guidance, self.window = guidance, window
+        self.text = text if block.txt_dim else None
+        self.rope = block.rope(T, H, W, 0 if self.text is None else self.text.shape[1])
+        zs = block.permute(z.reshape(B, self.total, C).astype(mx.float32), T)
+        self.noise = mx.concatenate([zs, zs]) if guidance > 0 else zs
+        N = self.noise.shape[0]
+        # slot k holds token k-1 (slot 0 the SOS); unsolved tokens start as the noise itself (official init)
+        self.x = mx.concatenate([block.sos(N), self.noise], axis=1)
+        self.solved = 0
+        if prefix is not None:
+            self.solved = prefix.shape[1]
+            self.x[:, 1 : 1 + self.solved] = mx.broadcast_to(prefix.astype(mx.float32), (N, self.solved, C))
+        elif self.text is not None:
+            block.push_text(self.text, caches, self.rope)
+
+    def run(self) -> Iterator[ChunkSolved | WindowMoved]:
+        S, F = self.total, self.frame_size
+        span = S if self.window is None else min(S, self.window[0] * F)
+        target = span
+        while True:
+            while self.solved < target:
+                yield self.solve_chunk(target)
+            if target >= S:
+                return
+            overlap = self.window[1]
+            target = min(S, target + span - overlap * F)
+            self.reencode(self.x[:, self.solved + 1 - overlap * F : self.solved + 1])
+            self.stats.reencodes += 1
+            self.stats.reencoded_tokens += overlap * F
+            yield WindowMoved(self.index, self.solved // F - overlap, overlap)
+
+    def solve_chunk(self, target: int) -> ChunkSolved:
+        """Iterate one chunk to convergence (§5.3): official chunk sizes, initial guess and stopping test."""
+        solver, start, F, x = self.solver, self.solved, self.frame_size, self.x
+        size = min(solver.block_size * (1 if start <= F else solver.growth), target - start)
+        for i in range(solver.max_iter):
+            lo = start - F if (solver.previous_frame_init and i == 0 and start > F) else start
+            a, b = self.block.step(x[:, lo : lo + size], self.caches, self.rope)
+            if self.guidance > 0:
+                a, b = guide(a, b, self.guidance)
+            new = b + a * self.noise[:, start : start + size]
+            last = i == solver.max_iter - 1
+            if not last:  # relative change over the whole (guided) batch, §8.7
+                change = mx.mean(mx.square(new - x[:, start + 1 : start + 1 + size])) / mx.mean(mx.square(new))
+            x[:, start + 1 : start + 1 + size] = new
+            self.stats.passes += 1
+            self.stats.tokens += size
+            if last or change.item() < solver.threshold:
+                break
+            for cache in self.caches:  # discard this iteration's keys: the next one re-feeds the chunk
+                cache.trim(size)
+        mx.eval(x, *[c.state for c in self.caches])
+        self.stats.iterations.append(i + 1)
+        self.solved = start + size
+        return ChunkSolved(self.index, start, self.solved, self.total, i + 1)
+
+    def reencode(self, tokens: mx.array) -> None:
+        """Restart the caches from the text and ``tokens`` (SOS-shifted), slots counted from 0 again (§5.4)."""
+        for cache in self.caches:
+            cache.reset()
+        if self.text is not None:
+            self.block.push_text(self.text, self.caches, self.rope)
+        slots = mx.concatenate([self.block.sos(tokens.shape[0]), tokens[:, :-1]], axis=1)
+        self.block.hidden(slots, None, self.rope, self.caches)
+
+    def frames(self, first: int, stop: int) -> mx.array:
+        """Solved frames ``first`` .. ``stop - 1`` of the first B rows, (B, n, H, W, C) in natural order.
+
+        Valid for blocks whose token order keeps frames in place (identity, or the in-frame flip of
+        temporal-causal video), the deep block of every STARFlow-V model."""
+        B, _, H, W, C = self.shape
+        F = self.frame_size
+        tokens = self.x[:B, 1 + first * F : 1 + stop * F]
+        return self.block.permute(tokens, stop - first).reshape(B, stop - first, H, W, C)
+
+    def result(self) -> mx.array:
+        """The block's inverse, (B, T, H, W, C), once ``run`` has finished."""
+        B, T, H, W, C = self.shape
+        return self.block.permute(self.x[:B, 1:], T).reshape(B, T, H, W, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole flow
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _invert_shallow(
+    flow: StarFlow, h: mx.array, video: bool, solver: Jacobi, stats: SamplerStats, prefix: Prefix | None
+) -> Iterator[ChunkSolved]:
+    """Invert the shallow blocks on the deep block's output h (B, T, H, W, C); returns their inverse."""
+    B, T, H, W, C = h.shape
+    local = flow.shallow_local(video, T)
+    for i in reversed(range(len(flow.blocks) - 1)):
+        block = flow.blocks[i]
+        inp = h.reshape(B * T, 1, H, W, C) if local else h
+        # shallow-local blocks start afresh per frame; others continue from their prefill
+        keep = prefix is not None and not local
+        caches = prefix.caches[i] if keep else block.make_cache(inp.shape[1] * H * W)
+        solve = BlockSolve(block, i, inp, caches, solver, stats.block(i), prefix=prefix.tokens[i] if keep else None)
+        yield from solve.run()
+        h = solve.result().reshape(B, T, H, W, C)
+    return h
+
+
+def _check(flow: StarFlow, z: mx.array, text: mx.array | None, text_null: mx.array | None, guidance: float):
+    if z.ndim not in (4, 5):
+        raise ValueError(f"z must be an image (B, C, H, W) or a video (B, T, C, H, W) latent, got shape {z.shape}")
+    if text is None:
+        raise ValueError("text is required: the flow is text-conditioned (pass the T5 embedding of the prompt)")
+    if text.ndim != 3 or text.shape[0] != z.shape[0]:
+        raise ValueError(f"text must be (B, L, D) with B = {z.shape[0]} (the batch of z), got shape {text.shape}")
+    if guidance > 0 and text_null is None:
+        raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
+
+
+def stream_sample(
+    flow: StarFlow,
+    z: mx.array,
+    text: mx.array,
+    text_null: mx.array | None = None,
+    options: SamplerOptions = SamplerOptions(),
+    prefix: Prefix | None = None,
+) -> Iterator[SampleEvent]:
+    """Sample by inverting the flow on Gaussian ``z`` (image (B, C, H, W) or video (B, T, C, H, W) latent layout),
+    deep block first; yields the events above, the last one ``Sampled``.
+
+    ``text`` (B, L, D) is the prompt embedding, ``text_null`` (1 or B rows) the unconditional one for guidance.
+    ``prefix`` (from ``StarFlow.prefill``) conditions on given first frames; its text and guidance are the ones
+    it was made with, so ``text``/``text_null``/``options.guidance`` must agree with it.
+    """
+    video = z.ndim == 5
+    guidance = options.guidance
+    if prefix is not None:
+        if guidance != prefix.guidance:
+            raise ValueError(f"options.guidance {guidance} differs from the prefix's guidance {prefix.guidance}")
+        if text is not None and not mx.array_equal(flow.guided_text(text, text_null, guidance), prefix.text):
+            raise ValueError("text / text_null differ from the ones the prefix was made with (StarFlow.prefill)")
+        text_g = prefix.text
+    else:
+        _check(flow, z, text, text_null, guidance)
+        text_g = flow.guided_text(text, text_null, guidance)
+    h = flow.patchify(z.astype(mx.float32))
+    B, T, H, W, C = h.shape
+    F = H * W
+    stats = SamplerStats()
+    n = len(flow.blocks)
+    deep = flow.blocks[-1]
+    window = options.sliding_window(flow) if video else None
+    if prefix is not None:
+        caches = prefix.caches[-1]
+    else:
+        span = T if window is None else min(T, window[0])
+        caches = deep.make_cache(text_g.shape[1] + span * F)
+    solve = BlockSolve(
+        deep, n - 1, h, caches, options.solver, stats.block(n - 1), text=text_g, guidance=guidance,
+        window=window, prefix=prefix.tokens[-1] if prefix is not None else None,
+    )
+    if options.stream_frames and flow.shallow_local(video, T):
+        frames = []
+        for event in itertools.chain([None], solve.run()):  # None: frames given as a prefix are already final
+            if event is not None:
+                yield event
+            while len(frames) < solve.solved // F:  # the shallow blocks finish each frame the deep block has
+                t = len(frames)
+                one = yield from _invert_shallow(flow, solve.frames(t, t + 1), video, options.solver, stats, None)
+                frames.append(one)
+                yield FrameSampled(t, flow.unpatchify(one, True)[:, 0])
+        h = mx.concatenate(frames, axis=1)
+    else:
+        yield from solve.run()
+        h = yield from _invert_shallow(flow, solve.result(), video, options.solver, stats, prefix)
+        latent = flow.unpatchify(h, True)
+        for t in range(T):
+            yield FrameSampled(t, latent[:, t])
+    yield Sampled(flow.unpatchify(h, video), stats)
+
+
+def sample(flow: StarFlow, z: mx.array, text: mx.array, text_null: mx.array | None = None,
+           options: SamplerOptions = SamplerOptions(), prefix: Prefix | None = None) -> mx.array:
+    """``stream_sample`` run to the end: the sampled latent."""
+    return _last(stream_sample(flow, z, text, text_null, options, prefix)).latent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Denoising after sampling (§5.7)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stream_denoise(
+    flow: StarFlow, x: mx.array, text: mx.array | None, window: int | None = None
+) -> Iterator[DenoiseEvent]:
+    """One Tweedie step removing the training noise: the learnable denoiser (x - 0.3 * pred) over chunks of
+    ``window`` frames (default: the model's ``local_attn_window``, as the official sampler) overlapping by the
+    model's ``denoiser_window``, or, for a flow without a denoiser, the gradient step x - sigma^2 * grad NLL."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be an integer >= 1 latent frame or None, got {window!r}")
+    if not hasattr(flow, "denoiser"):
+        yield Denoised(flow.gradient_denoise(x, text))
+        return
+    if x.ndim == 4:
+        yield Denoised(x - DENOISER_STEP * flow.predict_noise(x[:, None], text, video=False)[:, 0])
+        return
+    x = mx.array(x)  # a copy: slice assignment below must not touch the caller's array
+    T = x.shape[1]
+    steps = window or flow.config.local_attn_window or T
+    start, overlap = 0, 0
+    while True:
+        chunk = x[:, start : start + steps]
+        pred = flow.predict_noise(chunk, text, video=True)
+        x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
+        mx.eval(x)
+        stop = min(start + steps, T)
+        yield FramesDenoised(start + overlap, stop, T)
+        if stop >= T:  # later official passes write nothing (and never end if overlap >= steps)
+            break
+        overlap = flow.config.denoiser_window if flow.config.denoiser_window is not None else steps - 1
+        if overlap >= steps:
+            raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
+        start += steps - overlap
+    yield Denoised(x)
+
+
+def denoise(flow: StarFlow, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
+    """``stream_denoise`` run to the end: the denoised latent."""
+    return _last(stream_denoise(flow, x, text, window)).latent
+
+
+def _last(events):
+    event = None
+    for event in events:
+        pass
+    return event
