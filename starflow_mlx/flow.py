@@ -145,7 +145,7 @@ class FlowOutput:
     z: mx.array  # latent, in the input layout
     logdets: list[mx.array]  # per block, -log a per element
     outputs: list[mx.array]  # patchified input, then every block's output, (B, T, H, W, C)
-    prefixes: list[mx.array]  # every block's permuted input sequence (the context-pass prefix, §5.5)
+    prefixes: list[mx.array]  # every block's permuted input sequence (what a prefill keeps, §5.5)
 
     def loss(self) -> mx.array:
         """Per-sample mean NLL per dimension in nats without the Gaussian constant (the official ``get_loss``)."""

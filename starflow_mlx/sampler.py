@@ -1,11 +1,11 @@
 """Sampling a flow: its inverse, solved block by block, as a stream of events (spec §5.2-§5.7).
 
 The flow (``flow.py``) is the architecture: blocks, their ``step`` and ``affine``, permutations, the prefill
-(context) pass. This module decides *how* to invert it, and reports as it goes:
+pass (the official "context pass"). This module decides *how* to invert it, and reports as it goes:
 
 - ``stream_sample`` inverts the deep block first (guidance, the text prefix, the sliding window of long videos, a
   prefix of given frames), then the shallow blocks; it yields ``ChunkSolved`` after every chunk of every block,
-  ``WindowMoved`` when the sliding window re-encodes its context, ``FrameSampled`` as soon as a latent frame is
+  ``WindowMoved`` when the sliding window moves and re-encodes its overlap, ``FrameSampled`` as soon as a latent frame is
   final, and lastly ``Sampled`` with the whole latent and the statistics. A caller streams, reports progress, or
   stops (by no longer iterating: nothing else needs cancelling) between any two events.
 - ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk.
@@ -140,13 +140,6 @@ class SamplerStats:
     @property
     def deep(self) -> BlockStats:
         return self.blocks[max(self.blocks)]
-
-    def summary(self) -> dict:
-        return {
-            i: {"passes": s.passes, "tokens": s.tokens, "chunks": s.chunks, "max_iterations": max(s.iterations, default=0),
-                "reencodes": s.reencodes}
-            for i, s in sorted(self.blocks.items())
-        }
 
 
 @dataclass(frozen=True)
