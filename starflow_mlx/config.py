@@ -68,17 +68,20 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-@dataclass
 class Config:
-    """Base of every component config: strict ``from_dict``, type-checked fields, ``validate`` for ranges."""
+    """Base of every settings dataclass: the component configs (with a ``model_type``, stored in folders) and the
+    sampler's options. Fields are type-checked when built, ``validate`` checks ranges, ``from_dict`` is strict.
+
+    Not a dataclass itself, so that frozen dataclasses (``SamplerOptions``, ``Jacobi``) can build on it too.
+    """
 
     model_type: ClassVar[str] = ""
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _check_value(getattr(self, f.name), hints[f.name], f"{self.model_type} config field {f.name}")
-            object.__setattr__(self, f.name, value)
+            value = _check_value(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
+            object.__setattr__(self, f.name, value)  # object's: frozen subclasses too
         self.validate()
 
     def validate(self) -> None:

@@ -274,14 +274,15 @@ class StarFlow(nn.Module):
         """The context pass of image-to-video / video continuation (§5.5): the forward on the given (noised)
         first latent frame(s) ``x`` with fresh caches, which then hold the text and the prefix for sampling
         (``sampler.stream_sample(prefix=)``). The deep block keeps both guidance halves, the shallow blocks the
-        conditional half only. ``frames`` (the clip's total latent frames) sizes the caches."""
+        conditional half only. ``frames`` (the clip's total latent frames) and the model's sliding window size the
+        caches (they grow if a sample needs more)."""
         text = self.guided_text(text, text_null, guidance)
         if guidance > 0:
             x = mx.concatenate([x, x])
         video = x.ndim == 5
         H, W = x.shape[-2:]
         given = x.shape[1] if video else 1
-        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1])
+        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1], self.config.local_attn_window)
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:

@@ -18,12 +18,12 @@ one loop (``BlockSolve``), and both call the block's ``step`` exactly as the for
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 import mlx.core as mx
 
+from .config import Config
 from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
 
@@ -33,7 +33,7 @@ from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
 
 @dataclass(frozen=True)
-class Jacobi:
+class Jacobi(Config):
     """Block-wise Jacobi iteration (spec §5.3): chunks of ``block_size`` tokens while in the first frame and
     ``growth`` times that after, iterated until the relative change is below ``threshold`` or ``max_iter``."""
 
@@ -43,24 +43,24 @@ class Jacobi:
     growth: int = 4
     previous_frame_init: bool = True  # start each chunk from the previous frame's tokens at the same positions
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("block_size", "max_iter", "growth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Jacobi {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold) or self.threshold < 0:
-            raise ValueError(f"Jacobi threshold must be a number >= 0, got {self.threshold!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"Jacobi.{name} must be >= 1, got {getattr(self, name)}")
+        if self.threshold < 0:
+            raise ValueError(f"Jacobi.threshold must be >= 0, got {self.threshold}")
 
 
-# The sequential inverse is the same loop with one token per chunk, solved exactly in one pass.
-SEQUENTIAL = Jacobi(block_size=1, threshold=math.inf, max_iter=1, growth=1, previous_frame_init=False)
+# The sequential inverse is the same loop with one token per chunk, solved exactly in one pass (a single iteration
+# never consults the threshold).
+SEQUENTIAL = Jacobi(block_size=1, threshold=0.0, max_iter=1, growth=1, previous_frame_init=False)
 
 # Official sample.py's --context_length default: latent frames a sliding window carries over when it moves.
 DEFAULT_OVERLAP = 16
 
 
 @dataclass(frozen=True)
-class SamplerOptions:
+class SamplerOptions(Config):
     """How to invert the flow. Validated on construction; every error names the field and the value.
 
     - ``guidance``: classifier-free guidance weight in the deep block (0: none; needs ``text_null``).
@@ -82,16 +82,11 @@ class SamplerOptions:
     overlap: int | None = None
     stream_frames: bool = False
 
-    def __post_init__(self):
-        g = self.guidance
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {g!r}")
+    def validate(self) -> None:
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if not isinstance(self.solver, Jacobi):
             raise ValueError(f"solver must be SEQUENTIAL or a Jacobi(...), got {self.solver!r}")
-        for name in ("window", "overlap"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer number of latent frames or None, got {value!r}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 latent frame, got {self.window}")
         if self.overlap is not None and self.overlap < 0:
@@ -315,9 +310,13 @@ class BlockSolve:
 
 
 def _invert_shallow(
-    flow: StarFlow, h: mx.array, video: bool, solver: Jacobi, stats: SamplerStats, prefix: Prefix | None
+    flow: StarFlow, h: mx.array, video: bool, solver: Jacobi, stats: SamplerStats, caches: list,
+    prefix: Prefix | None,
 ) -> Iterator[ChunkSolved]:
-    """Invert the shallow blocks on the deep block's output h (B, T, H, W, C); returns their inverse."""
+    """Invert the shallow blocks on the deep block's output h (B, T, H, W, C); returns their inverse.
+
+    ``caches`` are the sample's (``StarFlow.make_cache``), emptied before each use: with ``stream_frames`` they
+    serve one frame after the other."""
     B, T, H, W, C = h.shape
     local = flow.shallow_local(video, T)
     for i in reversed(range(len(flow.blocks) - 1)):
@@ -325,8 +324,14 @@ def _invert_shallow(
         inp = h.reshape(B * T, 1, H, W, C) if local else h
         # shallow-local blocks start afresh per frame; others continue from their prefill
         keep = prefix is not None and not local
-        caches = prefix.caches[i] if keep else block.make_cache(inp.shape[1] * H * W)
-        solve = BlockSolve(block, i, inp, caches, solver, stats.block(i), prefix=prefix.tokens[i] if keep else None)
+        if keep:
+            block_caches = prefix.caches[i]
+        else:
+            block_caches = caches[i]
+            for cache in block_caches:
+                cache.reset()
+        solve = BlockSolve(block, i, inp, block_caches, solver, stats.block(i),
+                           prefix=prefix.tokens[i] if keep else None)
         yield from solve.run()
         h = solve.result().reshape(B, T, H, W, C)
     return h
@@ -374,15 +379,12 @@ def stream_sample(
     F = H * W
     stats = SamplerStats()
     n = len(flow.blocks)
-    deep = flow.blocks[-1]
     window = options.sliding_window(flow) if video else None
-    if prefix is not None:
-        caches = prefix.caches[-1]
-    else:
-        span = T if window is None else min(T, window[0])
-        caches = deep.make_cache(text_g.shape[1] + span * F)
+    # Buffers are allocated at first use, so the caches a prefix replaces cost nothing.
+    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_g.shape[1], None if window is None else window[0])
     solve = BlockSolve(
-        deep, n - 1, h, caches, options.solver, stats.block(n - 1), text=text_g, guidance=guidance,
+        flow.blocks[-1], n - 1, h, prefix.caches[-1] if prefix is not None else caches[-1], options.solver, stats.block(n - 1),
+        text=text_g, guidance=guidance,
         window=window, prefix=prefix.tokens[-1] if prefix is not None else None,
     )
     if options.stream_frames and flow.shallow_local(video, T):
@@ -392,13 +394,13 @@ def stream_sample(
                 yield event
             while len(frames) < solve.solved // F:  # the shallow blocks finish each frame the deep block has
                 t = len(frames)
-                one = yield from _invert_shallow(flow, solve.frames(t, t + 1), video, options.solver, stats, None)
+                one = yield from _invert_shallow(flow, solve.frames(t, t + 1), video, options.solver, stats, caches, None)
                 frames.append(one)
                 yield FrameSampled(t, flow.unpatchify(one, True)[:, 0])
         h = mx.concatenate(frames, axis=1)
     else:
         yield from solve.run()
-        h = yield from _invert_shallow(flow, solve.result(), video, options.solver, stats, prefix)
+        h = yield from _invert_shallow(flow, solve.result(), video, options.solver, stats, caches, prefix)
         latent = flow.unpatchify(h, True)
         for t in range(T):
             yield FrameSampled(t, latent[:, t])

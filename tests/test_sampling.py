@@ -240,12 +240,12 @@ def test_frames_stream_while_the_deep_block_solves(video):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"guidance": -1.0}, "guidance must be a finite number >= 0, got -1.0"),
-        ({"guidance": float("nan")}, "guidance must be a finite number >= 0"),
+        ({"guidance": -1.0}, "guidance must be >= 0, got -1.0"),
+        ({"guidance": float("nan")}, "SamplerOptions.guidance must be a finite number, got nan"),
         ({"window": 0}, "window must be >= 1 latent frame, got 0"),
         ({"window": 3, "overlap": 3}, r"overlap \(3\) must be smaller than window \(3\)"),
         ({"overlap": -1}, "overlap must be >= 0 latent frames, got -1"),
-        ({"window": 2.5}, "window must be an integer number of latent frames or None, got 2.5"),
+        ({"window": 2.5}, "SamplerOptions.window must be an integer, got 2.5"),
         ({"solver": "jacobi"}, "solver must be SEQUENTIAL or a Jacobi"),
     ],
 )
@@ -256,8 +256,8 @@ def test_sampler_options_are_validated(kwargs, message):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"block_size": 0}, "block_size must be an integer >= 1, got 0"), ({"max_iter": 1.5}, "max_iter must be an"),
-     ({"threshold": -1}, "threshold must be a number >= 0")],
+    [({"block_size": 0}, "Jacobi.block_size must be >= 1, got 0"), ({"max_iter": 1.5}, "Jacobi.max_iter must be an integer"),
+     ({"threshold": -1}, "Jacobi.threshold must be >= 0"), ({"previous_frame_init": 1}, "must be true or false")],
 )
 def test_jacobi_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):

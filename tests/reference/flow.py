@@ -250,7 +250,7 @@ class StarFlow(torch.nn.Module):
         video = x.dim() == 5
         H, W = x.shape[-2:]
         given = x.shape[1] if video else 1
-        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1])
+        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1], self.config.local_attn_window)
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:

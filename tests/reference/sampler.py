@@ -82,15 +82,20 @@ class BlockSolve:
         return self.block.permute(self.x[:B, 1:], T).reshape(B, T, H, W, C)
 
 
-def _invert_shallow(flow, h, video, solver, stats, prefix):
+def _invert_shallow(flow, h, video, solver, stats, caches, prefix):
     B, T, H, W, C = h.shape
     local = flow.shallow_local(video, T)
     for i in reversed(range(len(flow.blocks) - 1)):
         block = flow.blocks[i]
         inp = h.reshape(B * T, 1, H, W, C) if local else h
         keep = prefix is not None and not local
-        caches = prefix.caches[i] if keep else block.make_cache(inp.shape[1] * H * W)
-        solve = BlockSolve(block, inp, caches, solver, stats.block(i), prefix=prefix.tokens[i] if keep else None)
+        if keep:
+            block_caches = prefix.caches[i]
+        else:
+            block_caches = caches[i]
+            for cache in block_caches:
+                cache.reset()
+        solve = BlockSolve(block, inp, block_caches, solver, stats.block(i), prefix=prefix.tokens[i] if keep else None)
         solve.run()
         h = solve.result().reshape(B, T, H, W, C)
     return h
@@ -105,17 +110,13 @@ def sample(flow, z, text, text_null=None, options: SamplerOptions = SamplerOptio
     B, T, H, W, C = h.shape
     stats = stats if stats is not None else SamplerStats()
     n = len(flow.blocks)
-    deep = flow.blocks[-1]
     window = options.sliding_window(flow) if video else None
-    if prefix is not None:
-        caches = prefix.caches[-1]
-    else:
-        span = T if window is None else min(T, window[0])
-        caches = deep.make_cache(text_g.shape[1] + span * H * W)
-    solve = BlockSolve(deep, h, caches, options.solver, stats.block(n - 1), text=text_g, guidance=guidance,
-                       window=window, prefix=prefix.tokens[-1] if prefix is not None else None)
+    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_g.shape[1], None if window is None else window[0])
+    solve = BlockSolve(flow.blocks[-1], h, prefix.caches[-1] if prefix is not None else caches[-1], options.solver,
+                       stats.block(n - 1), text=text_g, guidance=guidance, window=window,
+                       prefix=prefix.tokens[-1] if prefix is not None else None)
     solve.run()
-    h = _invert_shallow(flow, solve.result(), video, options.solver, stats, prefix)
+    h = _invert_shallow(flow, solve.result(), video, options.solver, stats, caches, prefix)
     return flow.unpatchify(h, video)
 
 
