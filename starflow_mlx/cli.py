@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from .weights import CheckpointError
+from .checkpoint import CheckpointError
 
 log = logging.getLogger("starflow_mlx")
 

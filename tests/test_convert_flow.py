@@ -10,7 +10,8 @@ import pytest
 from starflow_mlx.convert.flow import convert_flow
 from starflow_mlx.cli import main as cli_main
 from starflow_mlx.flow import load_flow
-from starflow_mlx.weights import CheckpointError, read_model_folder
+from starflow_mlx.checkpoint import CheckpointError
+from starflow_mlx.weights import read_model_folder
 
 torch = pytest.importorskip("torch")
 
@@ -129,6 +130,6 @@ def test_cli_reports_errors_without_traceback(tiny_video, tmp_path, caplog):
 def test_legacy_or_non_zip_file_is_refused(tmp_path):
     (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(CheckpointError, match="legacy.pth: not a readable PyTorch zip checkpoint"):
-        from starflow_mlx.weights import read_state_dict
+        from starflow_mlx.checkpoint import read_state_dict
 
         read_state_dict(tmp_path / "legacy.pth")

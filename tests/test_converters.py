@@ -196,7 +196,7 @@ def test_name_tables_rename_both_ways(tmp_path):
     from starflow_mlx.sd_vae import ALIASES
     from starflow_mlx.t5 import HF_NAMES, T5Config, T5Encoder
     from starflow_mlx.wan_vae import DIFFUSERS_NAMES, WanVAE, WanVAEConfig
-    from starflow_mlx.weights import CheckpointError
+    from starflow_mlx.checkpoint import CheckpointError
     from tests.conftest import TINY_VIDEO_YAML
 
     assert OFFICIAL_NAMES.to_checkpoint("denoiser.layers.1.mlp.fc2.bias") == (

@@ -16,7 +16,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from starflow_mlx.convert.sd_vae import convert_sd_vae  # noqa: E402
 from starflow_mlx import cli  # noqa: E402
 from starflow_mlx.sd_vae import SDVAE, GroupNorm, SDVAEConfig, load_sd_vae  # noqa: E402
-from starflow_mlx.weights import CheckpointError, read_model_folder  # noqa: E402
+from starflow_mlx.checkpoint import CheckpointError  # noqa: E402
+from starflow_mlx.weights import read_model_folder  # noqa: E402
 
 TINY = dict(
     in_channels=3,

@@ -20,7 +20,8 @@ import mlx.nn as nn  # noqa: E402
 from starflow_mlx.convert.t5 import convert_t5  # noqa: E402
 from starflow_mlx import cli  # noqa: E402
 from starflow_mlx.t5 import T5Config, load_t5, relative_position_buckets  # noqa: E402
-from starflow_mlx.weights import CheckpointError, read_config, sha256_file  # noqa: E402
+from starflow_mlx.checkpoint import CheckpointError  # noqa: E402
+from starflow_mlx.weights import read_config, sha256_file  # noqa: E402
 
 VOCAB = 203  # 200 SentencePiece pieces + 3 extra ids
 EXTRA_IDS = 3

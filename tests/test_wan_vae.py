@@ -29,7 +29,8 @@ from starflow_mlx.wan_vae import (  # noqa: E402
     load_wan_vae,
     original_names,
 )
-from starflow_mlx.weights import CheckpointError, compute_dtype, read_config, sha256_file  # noqa: E402
+from starflow_mlx.checkpoint import CheckpointError  # noqa: E402
+from starflow_mlx.weights import compute_dtype, read_config, sha256_file  # noqa: E402
 
 from diffusers import AutoencoderKLWan  # noqa: E402
 from tests.conftest import diffusers_wan_decode_unclamped  # noqa: E402
@@ -116,7 +117,7 @@ def random_video(frames, h=32, w=32, seed=1):
 
 
 def test_original_layout_matches_spec_key_pattern(folders):
-    from starflow_mlx.weights import read_state_dict
+    from starflow_mlx.checkpoint import read_state_dict
 
     sd = read_state_dict(folders / "Wan2.2_VAE.pth")
     assert len(sd) == 196
@@ -202,7 +203,7 @@ class _RunsCode:
 
 
 def test_converter_refuses_code_pickle_and_diffusers_file(folders, tmp_path):
-    from starflow_mlx.weights import UnsafeCheckpointError
+    from starflow_mlx.checkpoint import UnsafeCheckpointError
 
     src = tmp_path / "evil.pth"
     torch.save({"encoder.conv1.weight": _RunsCode()}, src)

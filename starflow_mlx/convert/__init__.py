@@ -2,7 +2,7 @@
 
 One module per kind (``flow``, ``t5``, ``wan_vae``, ``sd_vae``), each with its ``convert_<kind>`` function and the
 ``add_parser`` that registers its command. A converter locates its source files, reads the state dict
-(``weights.read_state_dict``) and the source's config, maps the names with the model's declared ``KeyMap``, checks
+(``checkpoint.read_state_dict``) and the source's config, maps the names with the model's declared ``KeyMap``, checks
 every key and shape (``weights.check_state_dict``) and changes the layouts where MLX's differ; ``common`` does the
 rest, the same way for all of them.
 """

@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 
 from ..config import load_official_yaml
 from ..flow import DEPRECATED, OFFICIAL_NAMES, StarFlow
-from ..weights import check_state_dict, read_state_dict
+from ..checkpoint import read_state_dict
+from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"

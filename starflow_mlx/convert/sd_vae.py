@@ -24,7 +24,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..sd_vae import ALIASES, SDVAE, SDVAEConfig
-from ..weights import CheckpointError, check_state_dict, read_state_dict
+from ..checkpoint import CheckpointError, read_state_dict
+from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"

@@ -32,7 +32,8 @@ from ..wan_vae import (
     WanVAEConfig,
     original_names,
 )
-from ..weights import CheckpointError, check_state_dict, read_state_dict
+from ..checkpoint import CheckpointError, read_state_dict
+from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
