@@ -16,10 +16,12 @@ import mlx.core as mx
 
 def _describe(value: Any) -> str:
     """What was given, for an error message: the type, and the shape and dtype of array-likes."""
+    if value is None:
+        return "None"
     kind = f"{type(value).__module__}.{type(value).__name__}".replace("builtins.", "")
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None:
-        return f"{kind} {value!r}" if isinstance(value, (int, float, str, type(None))) else kind
+        return f"{kind} {value!r:.60}" if isinstance(value, (numbers.Number, str)) else kind
     return f"{kind} of shape {list(shape)} and dtype {dtype}"
 
 
@@ -55,7 +57,9 @@ def integer(name: str, value: Any, minimum: int, optional: bool = False) -> int 
     """``value`` as an int >= ``minimum`` (a Python or numpy integer, not a bool); None passes when ``optional``."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
+    if isinstance(value, mx.array) and value.size == 1 and mx.issubdtype(value.dtype, mx.integer):
+        value = value.item()
+    if isinstance(value, (bool, mx.array)) or not hasattr(value, "__index__"):
         expected = f"an integer >= {minimum}" + (" or None" if optional else "")
         raise ValueError(f"{name} must be {expected}, got {_describe(value)}")
     if value < minimum:

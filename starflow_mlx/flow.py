@@ -277,6 +277,9 @@ class StarFlow(nn.Module):
             raise ValueError(f"prefix must be a Prefix from StarFlow.prefill, got {type(prefix).__name__}")
         if prefix.flow is not self:
             raise ValueError("prefix was made by another model: make it with this model's prefill")
+        if prefix.used:
+            raise ValueError("prefix was already sampled from (sampling extends its caches): make a new one with "
+                             "prefill for each sample")
         B, given, _, H, W = prefix.shape
         frames = z.shape[1] if z.ndim == 5 else 1
         if z.shape[0] != B:
@@ -346,7 +349,7 @@ class StarFlow(nn.Module):
         self.check_latent("x", x)
         guidance = self.check_conditioning(x, text, text_null, guidance)
         given = x.shape[1] if x.ndim == 5 else 1
-        frames = arguments.integer("frames", frames, minimum=given, optional=True)
+        frames = arguments.integer("frames (the clip's latent frames, given ones included)", frames, given, True)
         shape = (x.shape[0], given, *x.shape[-3:])
         text = self.guided_text(text, text_null, guidance)
         if guidance > 0:
@@ -405,7 +408,10 @@ class StarFlow(nn.Module):
 class Prefix:
     """Caches and permuted input tokens of every block after a prefill (by block index), with the deep block's
     text rows and the guidance they were made with (sampling from the prefix must use the same), the shape of
-    the given latent as (B, frames, C, H, W), and the model that made it (the only one its caches fit)."""
+    the given latent as (B, frames, C, H, W), and the model that made it (the only one its caches fit).
+
+    One prefix serves one sample: sampling appends to its caches in place (copying them would double the largest
+    allocation of a long video), so ``used`` is set and a second sample is refused."""
 
     caches: list[list[KVCache]]
     tokens: list[mx.array]
@@ -413,6 +419,7 @@ class Prefix:
     guidance: float
     shape: tuple[int, int, int, int, int]
     flow: StarFlow = field(repr=False, compare=False)
+    used: bool = False
 
 
 def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:

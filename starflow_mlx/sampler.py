@@ -367,7 +367,7 @@ def _sampling_conditioning(
         return options, prefix.text
     flow.check_conditioning(z, text, text_null, guidance)
     text_g = flow.guided_text(text, text_null, guidance)
-    if text_g.shape != prefix.text.shape or not mx.array_equal(text_g, prefix.text):
+    if not mx.array_equal(text_g, prefix.text):
         raise ValueError("text / text_null differ from the ones the prefix was made with (StarFlow.prefill): pass "
                          "those, or neither")
     return options, text_g
@@ -384,23 +384,27 @@ def stream_sample(
     """Sample by inverting the flow on Gaussian ``z``, deep block first; yields the events above, the last one
     ``Sampled``. The arguments are checked here, before the first event (each error is a ``ValueError``):
 
-    - ``z``: (B, C, H, W) image or (B, T, C, H, W) video latent, ``in_channels`` channels, H and W multiples of
-      ``patch_size`` (any such size: RoPE adapts to the aspect ratio); the noise's dtype is irrelevant, sampling
-      is float32.
+    - ``z``: (B, C, H, W) image or (B, T, C, H, W) video latent, floating point (sampling runs in float32),
+      ``in_channels`` channels, H and W multiples of ``patch_size`` (any such size: RoPE adapts to the aspect
+      ratio).
     - ``text``: the prompt embedding (B, txt_size, txt_dim); ``text_null``: the unconditional one, (1 or B,
       txt_size, txt_dim), required when ``options.guidance`` > 0.
     - ``options``: a ``SamplerOptions`` (default: no guidance, or the prefix's guidance); its sliding window
       always moves by at least one frame, so sampling ends for every clip length.
     - ``prefix`` (from this model's ``StarFlow.prefill``, same batch and frame size, fewer frames than ``z``)
-      conditions on given first frames. Its text and guidance are the ones it was made with: omit ``text`` and
-      ``text_null`` to use them, or pass exactly those (anything else is refused).
+      conditions on given first frames; one prefix serves one sample. Its text and guidance are the ones it was
+      made with: omit ``text`` and ``text_null`` to use them, or pass exactly those (anything else is refused).
     """
     options, text_g = _sampling_conditioning(flow, z, text, text_null, options, prefix)
-    return _sample_events(flow, z, text_g, options, prefix)
+    window = options.sliding_window(flow) if z.ndim == 5 else None
+    if prefix is not None:
+        prefix.used = True
+    return _sample_events(flow, z, text_g, options, window, prefix)
 
 
 def _sample_events(
-    flow: StarFlow, z: mx.array, text_g: mx.array | None, options: SamplerOptions, prefix: Prefix | None,
+    flow: StarFlow, z: mx.array, text_g: mx.array | None, options: SamplerOptions, window: tuple[int, int] | None,
+    prefix: Prefix | None,
 ) -> Iterator[SampleEvent]:
     video = z.ndim == 5
     guidance = options.guidance
@@ -409,7 +413,6 @@ def _sample_events(
     F = H * W
     stats = SamplerStats()
     n = len(flow.blocks)
-    window = options.sliding_window(flow) if video else None
     text_len = 0 if text_g is None else text_g.shape[1]
     # Buffers are allocated at first use, so the caches a prefix replaces cost nothing.
     caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_len, None if window is None else window[0])
