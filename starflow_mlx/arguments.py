@@ -94,4 +94,5 @@ def token_ids(input_ids: Any, attention_mask: Any, vocab_size: int, mask_require
     if mask.dtype == mx.bool_:
         return
     if not bool(mx.all((mask == 0) | (mask == 1))):
-        raise ValueError(f"attention_mask must hold only 0 and 1, got values in [{mx.min(mask).item()}, {mx.max(mask).item()}]")
+        low, high = mx.min(mask).item(), mx.max(mask).item()
+        raise ValueError(f"attention_mask must hold only 0 and 1, got values in [{low}, {high}]")

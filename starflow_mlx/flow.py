@@ -232,7 +232,8 @@ class StarFlow(nn.Module):
         C, H, W = x.shape[-3:]
         c, p = self.config.in_channels, self.config.patch_size
         if C != c:
-            raise ValueError(f"{name} must have in_channels = {c} channels (axis {x.ndim - 3}), got shape {list(x.shape)}")
+            raise ValueError(f"{name} must have in_channels = {c} channels (axis {x.ndim - 3}), "
+                             f"got shape {list(x.shape)}")
         if H % p or W % p:
             raise ValueError(f"{name} height and width must be multiples of patch_size {p}, got {H}x{W}")
 
