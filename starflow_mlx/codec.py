@@ -31,6 +31,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import mlx.core as mx
 
+from . import arguments
+
 # diffusers' DiagonalGaussianDistribution and Wan's sample() clamp the posterior log-variance to this range.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -102,15 +104,15 @@ class LatentFrameStream:
     frames, 5-D float32 (``self.pushed`` is the latent frame's index).
     """
 
-    def __init__(self, channels_last: bool):
-        self.channels_last = channels_last
+    def __init__(self, channels_last: bool, tile_size: Optional[int], tile_overlap: Optional[int]):
+        self.channels_last = arguments.flag("channels_last", channels_last)
+        self.tile_size, self.tile_overlap = check_tiling(tile_size, tile_overlap)
         self.pushed = 0  # latent frames decoded so far
         self._shape: Optional[tuple] = None  # the first push's shape
 
     def push(self, latent_frame: mx.array) -> mx.array:
         layout = "(B, h, w, C)" if self.channels_last else "(B, C, h, w)"
-        if latent_frame.ndim != 4:
-            raise ValueError(f"push takes one latent frame {layout}, got shape {list(latent_frame.shape)}")
+        arguments.array("latent_frame", latent_frame, f"one latent frame {layout}", (4,))
         if self._shape is not None and tuple(latent_frame.shape) != self._shape:
             raise ValueError(f"latent frame {self.pushed} has shape {list(latent_frame.shape)}; the first pushed "
                              f"frame had {list(self._shape)} {layout}")
@@ -122,6 +124,22 @@ class LatentFrameStream:
 
     def _decode(self, latent_frame: mx.array) -> mx.array:
         raise NotImplementedError
+
+
+def check_tiling(tile_size, tile_overlap) -> tuple[Optional[int], Optional[int]]:
+    """The decoders' tiling arguments: ``tile_size`` None or an integer >= 1 latent pixels, ``tile_overlap`` None
+    or an integer in [0, tile_size)."""
+    tile_size = arguments.integer("tile_size", tile_size, minimum=1, optional=True)
+    tile_overlap = arguments.integer("tile_overlap", tile_overlap, minimum=0, optional=True)
+    if tile_size is not None and tile_overlap is not None and tile_overlap >= tile_size:
+        raise ValueError(f"tile_overlap must be smaller than tile_size {tile_size}, got {tile_overlap}")
+    return tile_size, tile_overlap
+
+
+def check_layout(name: str, x, channels_last: bool, layouts: str) -> mx.array:
+    """A codec's pixels or latent: a floating mx.array of 4 or 5 dimensions, ``layouts`` naming them."""
+    arguments.flag("channels_last", channels_last)
+    return arguments.array(name, x, layouts, (4, 5))
 
 
 class CausalFrames:
@@ -143,10 +161,13 @@ def sample_posterior(
     ``logvar`` must already be clamped to [LOGVAR_MIN, LOGVAR_MAX].
     """
     mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
+    if key is not None and not isinstance(key, mx.array):
+        raise ValueError(f"key must be an mlx random key (mx.random.key(seed)) or None, got {type(key).__name__}")
     if noise is None:
         eps = mx.random.normal(mean.shape, key=key)
-    elif tuple(noise.shape) != tuple(mean.shape):
-        raise ValueError(f"noise has shape {list(noise.shape)}, expected {list(mean.shape)} (the latent's)")
     else:
+        arguments.array("noise", noise, f"{list(mean.shape)} like the latent", None)
+        if tuple(noise.shape) != tuple(mean.shape):
+            raise ValueError(f"noise has shape {list(noise.shape)}, expected {list(mean.shape)} (the latent's)")
         eps = noise.astype(mx.float32)
     return mean + mx.exp(0.5 * logvar) * eps

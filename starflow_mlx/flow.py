@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import arguments
 from .attention import KVCache, RMSNorm, TransformerLayer
 from .config import GAUSSIAN_LOG_NORM, FlowConfig
 from .rope import rope_table
@@ -185,18 +186,13 @@ class StarFlow(nn.Module):
 
     # ---- layout ----
     def patchify(self, x: mx.array) -> mx.array:
-        """(B, C, H, W) or (B, T, C, H, W) -> (B, T, H/p, W/p, p*p*C), channel fastest in each patch (§4.1)."""
+        """(B, C, H, W) or (B, T, C, H, W) -> (B, T, H/p, W/p, p*p*C), channel fastest in each patch (§4.1).
+
+        ``x`` is a latent that ``check_latent`` accepts (every public entry checks its arguments first)."""
         if x.ndim == 4:
             x = x[:, None]
-        if x.ndim != 5:
-            raise ValueError(f"expected an image (B, C, H, W) or a video (B, T, C, H, W), got shape {x.shape}")
         B, T, C, H, W = x.shape
         p = self.config.patch_size
-        if C != self.config.in_channels or H % p or W % p:
-            raise ValueError(
-                f"input shape {x.shape} does not fit the model: {self.config.in_channels} channels and H, W "
-                f"multiples of patch size {p} expected"
-            )
         x = x.reshape(B, T, C, H // p, p, W // p, p).transpose(0, 1, 3, 5, 4, 6, 2)
         return x.reshape(B, T, H // p, W // p, p * p * C)
 
@@ -222,13 +218,92 @@ class StarFlow(nn.Module):
             self.blocks[-1].make_cache(deep)
         ]
 
+    # ---- argument checks: one per kind of argument, shared by every public entry ----
+    @property
+    def text_conditioned(self) -> bool:
+        return self.config.txt_dim > 0
+
+    def check_latent(self, name: str, x, ndims: tuple[int, ...] = (4, 5)) -> None:
+        """A latent: an image (B, C, H, W) or video (B, T, C, H, W) mx.array, floating, ``in_channels`` channels,
+        H and W multiples of ``patch_size``. Any such size works: RoPE positions are scaled by pt_seq_len / sqrt(H*W)
+        (the official aspect-ratio buckets), and no table is sized by the training resolution."""
+        layout = {4: "(B, C, H, W) image latent", 5: "(B, T, C, H, W) video latent"}
+        arguments.array(name, x, " or ".join(layout[n] for n in ndims), ndims)
+        C, H, W = x.shape[-3:]
+        c, p = self.config.in_channels, self.config.patch_size
+        if C != c:
+            raise ValueError(f"{name} must have in_channels = {c} channels (axis {x.ndim - 3}), "
+                             f"got shape {list(x.shape)}")
+        if H % p or W % p:
+            raise ValueError(f"{name} height and width must be multiples of patch_size {p}, got {H}x{W}")
+
+    def check_text(self, text, batch: int, required: bool = True) -> None:
+        """The prompt embedding: (batch, txt_size, txt_dim), floating; None only where not ``required``. The length
+        is the model's ``txt_size``: prompts are padded to it (``encode_prompts(max_length=txt_size)``), and text
+        RoPE positions are i / L * pt_seq_len, so another L would move every text position off the trained ones."""
+        L, D = self.config.txt_size, self.config.txt_dim
+        expected = f"(B, L, D) = ({batch}, {L}, {D}) (B: the latent's batch, L: txt_size, D: txt_dim)"
+        if text is None:
+            if required:
+                raise ValueError(f"text is required: the flow is text-conditioned; pass the T5 embedding of the "
+                                 f"prompt, {expected}")
+            return
+        arguments.array("text", text, expected, (3,))
+        if tuple(text.shape) != (batch, L, D):
+            raise ValueError(f"text must be {expected}, got shape {list(text.shape)}")
+
+    def check_text_null(self, text_null, text: mx.array, guidance: float) -> None:
+        """The unconditional embedding: required when ``guidance`` > 0, (1 or B, L, D) like ``text``."""
+        B, L, D = text.shape
+        if text_null is None:
+            if guidance > 0:
+                raise ValueError(f"guidance {guidance} > 0 needs the unconditional text embedding text_null "
+                                 f"(1 or {B}, {L}, {D})")
+            return
+        arguments.array("text_null", text_null, f"(1 or {B}, {L}, {D}) like text", (3,))
+        if text_null.shape[0] not in (1, B) or tuple(text_null.shape[1:]) != (L, D):
+            raise ValueError(f"text_null must be (1 or {B}, {L}, {D}) like text, got shape {list(text_null.shape)}")
+
+    def check_conditioning(self, x: mx.array, text, text_null, guidance) -> float:
+        """``text`` and ``text_null`` for latent ``x`` under ``guidance`` (a finite number >= 0, returned)."""
+        guidance = arguments.finite_number("guidance", guidance, minimum=0)
+        self.check_text(text, x.shape[0], required=self.text_conditioned)
+        if text is not None:
+            self.check_text_null(text_null, text, guidance)
+        return guidance
+
+    def check_prefix(self, prefix, z: mx.array) -> None:
+        """A ``Prefix`` from this model's ``prefill``, for z's batch and frame size, with frames left to sample."""
+        if not isinstance(prefix, Prefix):
+            raise ValueError(f"prefix must be a Prefix from StarFlow.prefill, got {type(prefix).__name__}")
+        if prefix.flow is not self:
+            raise ValueError("prefix was made by another model: make it with this model's prefill")
+        if prefix.used:
+            raise ValueError("prefix was already sampled from (sampling extends its caches): make a new one with "
+                             "prefill for each sample")
+        B, given, _, H, W = prefix.shape
+        frames = z.shape[1] if z.ndim == 5 else 1
+        if z.shape[0] != B:
+            raise ValueError(f"z has batch {z.shape[0]}, the prefix was made for batch {B}")
+        if tuple(z.shape[-2:]) != (H, W):
+            raise ValueError(f"z has {z.shape[-2]}x{z.shape[-1]} latent frames, the prefix was made for {H}x{W}")
+        if frames <= given:
+            raise ValueError(f"z must have more latent frames than the prefix's {given}, got {frames}")
+
     # ---- training direction ----
     def __call__(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
         """Forward pass: data (image or video latent) -> Gaussian latent, with the per-block log-determinants.
 
-        ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the prefill of
-        image-to-video (``prefill``); the per-block permuted inputs are returned as ``prefixes``.
+        ``x``: (B, C, H, W) or (B, T, C, H, W), ``in_channels`` channels, H and W multiples of ``patch_size``;
+        ``text``: (B, txt_size, txt_dim). ``guidance`` > 0 guides the deep block on rows [cond; uncond] of an
+        even batch. ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the
+        prefill of image-to-video (``prefill``); the per-block permuted inputs are returned as ``prefixes``.
         """
+        self.check_latent("x", x)
+        guidance = arguments.finite_number("guidance", guidance, minimum=0)
+        self.check_text(text, x.shape[0], required=self.text_conditioned)
+        if guidance > 0 and x.shape[0] % 2:
+            raise ValueError(f"guidance > 0 needs an even batch of rows [cond; uncond], got batch {x.shape[0]}")
         video = x.ndim == 5
         h = self.patchify(x)
         B, T = h.shape[:2]
@@ -250,21 +325,16 @@ class StarFlow(nn.Module):
         return FlowOutput(self.unpatchify(h, video), logdets, outputs, prefixes)
 
     def nll(self, x: mx.array, text: mx.array) -> mx.array:
-        """Exact negative log-likelihood per sample in nats per dimension (divide by ln 2 for bits/dim)."""
+        """Exact negative log-likelihood per sample in nats per dimension (divide by ln 2 for bits/dim); the
+        arguments of the forward pass."""
         return self(x, text).nll()
 
     # ---- conditioning for sampling ----
     def guided_text(self, text: mx.array, text_null: mx.array | None, guidance: float) -> mx.array:
-        """The deep block's text rows: ``text``, or [text; text_null] under guidance (the batch doubles)."""
+        """The deep block's text rows: ``text``, or [text; text_null] under guidance (the batch doubles); the
+        arguments as ``check_conditioning`` accepts them."""
         if guidance <= 0:
             return text
-        if text_null is None:
-            raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
-        if text_null.ndim != 3 or text_null.shape[0] not in (1, text.shape[0]) or text_null.shape[1:] != text.shape[1:]:
-            raise ValueError(
-                f"text_null must be (1 or {text.shape[0]}, {text.shape[1]}, {text.shape[2]}) like text, "
-                f"got shape {text_null.shape}"
-            )
         return mx.concatenate([text, mx.broadcast_to(text_null, text.shape)])
 
     def prefill(
@@ -272,17 +342,21 @@ class StarFlow(nn.Module):
         frames: int | None = None,
     ) -> "Prefix":
         """The context pass of image-to-video / video continuation (§5.5): the forward on the given (noised)
-        first latent frame(s) ``x`` with fresh caches, which then hold the text and the prefix for sampling
-        (``sampler.stream_sample(prefix=)``). The deep block keeps both guidance halves, the shallow blocks the
-        conditional half only. ``frames`` (the clip's total latent frames) and the model's sliding window size the
-        caches (they grow if a sample needs more)."""
+        first latent frame(s) ``x`` ((B, C, H, W) or (B, T, C, H, W)) with fresh caches, which then hold the text
+        and the prefix for sampling (``sampler.stream_sample(prefix=)``). ``text`` (B, txt_size, txt_dim);
+        ``text_null`` (1 or B rows) is required when ``guidance`` > 0. The deep block keeps both guidance halves,
+        the shallow blocks the conditional half only. ``frames`` (the clip's total latent frames, at least the
+        given ones) and the model's sliding window size the caches (they grow if a sample needs more)."""
+        self.check_latent("x", x)
+        guidance = self.check_conditioning(x, text, text_null, guidance)
+        given = x.shape[1] if x.ndim == 5 else 1
+        frames = arguments.integer("frames (the clip's latent frames, given ones included)", frames, given, True)
+        shape = (x.shape[0], given, *x.shape[-3:])
         text = self.guided_text(text, text_null, guidance)
         if guidance > 0:
             x = mx.concatenate([x, x])
-        video = x.ndim == 5
         H, W = x.shape[-2:]
-        given = x.shape[1] if video else 1
-        caches = self.make_cache(max(given, frames or given), H, W, text.shape[1], self.config.local_attn_window)
+        caches = self.make_cache(frames or given, H, W, text.shape[1], self.config.local_attn_window)
         out = self(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
@@ -291,29 +365,41 @@ class StarFlow(nn.Module):
                     cache.keep_batch(cache.keys.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
         mx.eval(tokens, [c.state for block_caches in caches for c in block_caches])
-        return Prefix(caches, tokens, text, guidance)
+        return Prefix(caches, tokens, text, guidance, shape, self)
 
     # ---- convenience forms of the sampler (sampler.py) ----
-    def reverse(self, z: mx.array, text: mx.array, text_null: mx.array | None = None, options=None, prefix=None):
-        """Sample: invert the flow on Gaussian ``z``, run to the end (``sampler.stream_sample`` streams it)."""
-        from .sampler import SamplerOptions, sample
+    def reverse(self, z: mx.array, text: mx.array | None, text_null: mx.array | None = None, options=None,
+                prefix=None):
+        """Sample: invert the flow on Gaussian ``z``, run to the end (``sampler.stream_sample`` streams it and
+        says what each argument accepts)."""
+        from .sampler import sample
 
-        return sample(self, z, text, text_null, options or SamplerOptions(), prefix)
+        return sample(self, z, text, text_null, options, prefix)
 
     def denoise(self, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
-        """The denoising step after sampling (``sampler.stream_denoise`` streams it)."""
+        """The denoising step after sampling (``sampler.stream_denoise`` streams it and says what it accepts)."""
         from .sampler import denoise
 
         return denoise(self, x, text, window)
 
     # ---- denoising (§5.7) ----
     def predict_noise(self, x: mx.array, text: mx.array | None, video: bool) -> mx.array:
-        """The learnable denoiser's prediction for x (B, T, C, H, W), same layout."""
+        """The learnable denoiser's prediction for ``x`` (B, T, C, H, W), same layout; ``text`` (B, txt_size,
+        txt_dim) is required by a conditional denoiser; ``video`` False treats x as T independent images."""
+        if not hasattr(self, "denoiser"):
+            raise ValueError("this flow has no learnable denoiser (learnable_self_denoiser is off): use "
+                             "gradient_denoise")
+        self.check_latent("x", x, ndims=(5,))
+        self.check_text(text, x.shape[0], required=self.denoiser.txt_dim > 0)
+        arguments.flag("video", video)
         return self.unpatchify(self.denoiser(self.patchify(x), text, video), True)
 
     def gradient_denoise(self, x: mx.array, text: mx.array, sigma: float | None = None) -> mx.array:
-        """x - sigma^2 * d NLL_total / dx per sample (the official T2I self-denoising step, lr 1)."""
-        sigma = self.config.noise_std if sigma is None else sigma
+        """x - sigma^2 * d NLL_total / dx per sample (the official T2I self-denoising step, lr 1): ``x`` and
+        ``text`` as the forward pass takes them, ``sigma`` > 0 (default: the model's ``noise_std``)."""
+        self.check_latent("x", x)
+        self.check_text(text, x.shape[0], required=self.text_conditioned)
+        sigma = self.config.noise_std if sigma is None else arguments.finite_number("sigma", sigma, positive=True)
         dims = x.size // x.shape[0]
         grad = mx.grad(lambda v: self(v, text).loss().sum() * dims)(x.astype(mx.float32))
         return x - sigma**2 * grad
@@ -322,12 +408,19 @@ class StarFlow(nn.Module):
 @dataclass
 class Prefix:
     """Caches and permuted input tokens of every block after a prefill (by block index), with the deep block's
-    text rows and the guidance they were made with (sampling from the prefix must use the same)."""
+    text rows and the guidance they were made with (sampling from the prefix must use the same), the shape of
+    the given latent as (B, frames, C, H, W), and the model that made it (the only one its caches fit).
+
+    One prefix serves one sample: sampling appends to its caches in place (copying them would double the largest
+    allocation of a long video), so ``used`` is set and a second sample is refused."""
 
     caches: list[list[KVCache]]
     tokens: list[mx.array]
     text: mx.array
     guidance: float
+    shape: tuple[int, int, int, int, int]
+    flow: StarFlow = field(repr=False, compare=False)
+    used: bool = False
 
 
 def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:

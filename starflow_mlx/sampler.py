@@ -23,6 +23,7 @@ from typing import Iterator, Union
 
 import mlx.core as mx
 
+from . import arguments
 from .config import Config
 from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
@@ -247,8 +248,10 @@ class BlockSolve:
                 yield self.solve_chunk(target)
             if target >= S:
                 return
+            # the next window starts ``overlap`` frames before the last solved one: at least one frame later,
+            # and one move suffices after a prefix longer than the window
             overlap = self.window[1]
-            target = min(S, target + span - overlap * F)
+            target = min(S, self.solved + span - overlap * F)
             self.reencode(self.x[:, self.solved + 1 - overlap * F : self.solved + 1])
             self.stats.reencodes += 1
             self.stats.reencoded_tokens += overlap * F
@@ -337,51 +340,82 @@ def _invert_shallow(
     return h
 
 
-def _check(flow: StarFlow, z: mx.array, text: mx.array | None, text_null: mx.array | None, guidance: float):
-    if z.ndim not in (4, 5):
-        raise ValueError(f"z must be an image (B, C, H, W) or a video (B, T, C, H, W) latent, got shape {z.shape}")
+def _sampling_conditioning(
+    flow: StarFlow, z: mx.array, text, text_null, options, prefix,
+) -> tuple[SamplerOptions, mx.array | None]:
+    """The checked options and the deep block's text rows of one sample.
+
+    Without a prefix, ``text`` (and ``text_null`` under guidance) are required. With one, the rule is: the call
+    either omits ``text`` and ``text_null`` (and ``options``, or gives ``options.guidance`` equal to the prefix's)
+    and samples with the prefix's, or gives exactly the ones the prefix was made with."""
+    flow.check_latent("z", z)
+    if options is None:
+        options = SamplerOptions(guidance=prefix.guidance if isinstance(prefix, Prefix) else 0.0)
+    if not isinstance(options, SamplerOptions):
+        raise ValueError(f"options must be a SamplerOptions, got {type(options).__name__}")
+    guidance = options.guidance
+    if prefix is None:
+        flow.check_conditioning(z, text, text_null, guidance)
+        return options, None if text is None else flow.guided_text(text, text_null, guidance)
+    flow.check_prefix(prefix, z)
+    if guidance != prefix.guidance:
+        raise ValueError(f"options.guidance {guidance} differs from the prefix's guidance {prefix.guidance}")
     if text is None:
-        raise ValueError("text is required: the flow is text-conditioned (pass the T5 embedding of the prompt)")
-    if text.ndim != 3 or text.shape[0] != z.shape[0]:
-        raise ValueError(f"text must be (B, L, D) with B = {z.shape[0]} (the batch of z), got shape {text.shape}")
-    if guidance > 0 and text_null is None:
-        raise ValueError("guidance > 0 needs the unconditional text embedding (text_null)")
+        if text_null is not None:
+            raise ValueError("text_null was given without text: with a prefix, pass both (as given to prefill) or "
+                             "neither (the prefix's are used)")
+        return options, prefix.text
+    flow.check_conditioning(z, text, text_null, guidance)
+    text_g = flow.guided_text(text, text_null, guidance)
+    if not mx.array_equal(text_g, prefix.text):
+        raise ValueError("text / text_null differ from the ones the prefix was made with (StarFlow.prefill): pass "
+                         "those, or neither")
+    return options, text_g
 
 
 def stream_sample(
     flow: StarFlow,
     z: mx.array,
-    text: mx.array,
+    text: mx.array | None,
     text_null: mx.array | None = None,
-    options: SamplerOptions = SamplerOptions(),
+    options: SamplerOptions | None = None,
     prefix: Prefix | None = None,
 ) -> Iterator[SampleEvent]:
-    """Sample by inverting the flow on Gaussian ``z`` (image (B, C, H, W) or video (B, T, C, H, W) latent layout),
-    deep block first; yields the events above, the last one ``Sampled``.
+    """Sample by inverting the flow on Gaussian ``z``, deep block first; yields the events above, the last one
+    ``Sampled``. The arguments are checked here, before the first event (each error is a ``ValueError``):
 
-    ``text`` (B, L, D) is the prompt embedding, ``text_null`` (1 or B rows) the unconditional one for guidance.
-    ``prefix`` (from ``StarFlow.prefill``) conditions on given first frames; its text and guidance are the ones
-    it was made with, so ``text``/``text_null``/``options.guidance`` must agree with it.
+    - ``z``: (B, C, H, W) image or (B, T, C, H, W) video latent, floating point (sampling runs in float32),
+      ``in_channels`` channels, H and W multiples of ``patch_size`` (any such size: RoPE adapts to the aspect
+      ratio).
+    - ``text``: the prompt embedding (B, txt_size, txt_dim); ``text_null``: the unconditional one, (1 or B,
+      txt_size, txt_dim), required when ``options.guidance`` > 0.
+    - ``options``: a ``SamplerOptions`` (default: no guidance, or the prefix's guidance); its sliding window
+      always moves by at least one frame, so sampling ends for every clip length.
+    - ``prefix`` (from this model's ``StarFlow.prefill``, same batch and frame size, fewer frames than ``z``)
+      conditions on given first frames; one prefix serves one sample. Its text and guidance are the ones it was
+      made with: omit ``text`` and ``text_null`` to use them, or pass exactly those (anything else is refused).
     """
+    options, text_g = _sampling_conditioning(flow, z, text, text_null, options, prefix)
+    window = options.sliding_window(flow) if z.ndim == 5 else None
+    if prefix is not None:
+        prefix.used = True
+    return _sample_events(flow, z, text_g, options, window, prefix)
+
+
+def _sample_events(
+    flow: StarFlow, z: mx.array, text_g: mx.array | None, options: SamplerOptions, window: tuple[int, int] | None,
+    prefix: Prefix | None,
+) -> Iterator[SampleEvent]:
     video = z.ndim == 5
     guidance = options.guidance
-    if prefix is not None:
-        if guidance != prefix.guidance:
-            raise ValueError(f"options.guidance {guidance} differs from the prefix's guidance {prefix.guidance}")
-        if text is not None and not mx.array_equal(flow.guided_text(text, text_null, guidance), prefix.text):
-            raise ValueError("text / text_null differ from the ones the prefix was made with (StarFlow.prefill)")
-        text_g = prefix.text
-    else:
-        _check(flow, z, text, text_null, guidance)
-        text_g = flow.guided_text(text, text_null, guidance)
     h = flow.patchify(z.astype(mx.float32))
     B, T, H, W, C = h.shape
     F = H * W
     stats = SamplerStats()
     n = len(flow.blocks)
-    window = options.sliding_window(flow) if video else None
+    text_len = 0 if text_g is None else text_g.shape[1]
     # Buffers are allocated at first use, so the caches a prefix replaces cost nothing.
-    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_g.shape[1], None if window is None else window[0])
+    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_len, None if window is None else window[0])
     solve = BlockSolve(
         flow.blocks[-1], n - 1, h, prefix.caches[-1] if prefix is not None else caches[-1], options.solver, stats.block(n - 1),
         text=text_g, guidance=guidance,
@@ -407,8 +441,8 @@ def stream_sample(
     yield Sampled(flow.unpatchify(h, video), stats)
 
 
-def sample(flow: StarFlow, z: mx.array, text: mx.array, text_null: mx.array | None = None,
-           options: SamplerOptions = SamplerOptions(), prefix: Prefix | None = None) -> mx.array:
+def sample(flow: StarFlow, z: mx.array, text: mx.array | None, text_null: mx.array | None = None,
+           options: SamplerOptions | None = None, prefix: Prefix | None = None) -> mx.array:
     """``stream_sample`` run to the end: the sampled latent."""
     return _last(stream_sample(flow, z, text, text_null, options, prefix)).latent
 
@@ -423,32 +457,49 @@ def stream_denoise(
 ) -> Iterator[DenoiseEvent]:
     """One Tweedie step removing the training noise: the learnable denoiser (x - 0.3 * pred) over chunks of
     ``window`` frames (default: the model's ``local_attn_window``, as the official sampler) overlapping by the
-    model's ``denoiser_window``, or, for a flow without a denoiser, the gradient step x - sigma^2 * grad NLL."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be an integer >= 1 latent frame or None, got {window!r}")
+    model's ``denoiser_window``, or, for a flow without a denoiser, the gradient step x - sigma^2 * grad NLL.
+
+    ``x``: a sampled (B, C, H, W) or (B, T, C, H, W) latent; ``text``: (B, txt_size, txt_dim), required unless the
+    learnable denoiser is unconditional; ``window``: an integer >= 1 or None. Checked here, before the first event.
+    """
+    flow.check_latent("x", x)
+    needs_text = flow.denoiser.txt_dim > 0 if hasattr(flow, "denoiser") else flow.text_conditioned
+    flow.check_text(text, x.shape[0], required=needs_text)
+    window = arguments.integer("window", window, minimum=1, optional=True)
     if not hasattr(flow, "denoiser"):
-        yield Denoised(flow.gradient_denoise(x, text))
-        return
+        return _single_event(Denoised(flow.gradient_denoise(x, text)))
     if x.ndim == 4:
-        yield Denoised(x - DENOISER_STEP * flow.predict_noise(x[:, None], text, video=False)[:, 0])
-        return
+        return _single_event(Denoised(x - DENOISER_STEP * flow.predict_noise(x[:, None], text, video=False)[:, 0]))
+    return _denoise_chunks(flow, x, text, *_time_chunks(flow, x.shape[1], window))
+
+
+def _time_chunks(flow: StarFlow, frames: int, window: int | None) -> tuple[int, int]:
+    """(frames per denoiser chunk, frames a chunk shares with the previous one) for a clip of ``frames``."""
+    steps = window or flow.config.local_attn_window or frames
+    overlap = flow.config.denoiser_window if flow.config.denoiser_window is not None else steps - 1
+    if frames > steps and not 0 <= overlap < steps:  # else the chunk would not move forward
+        raise ValueError(f"denoiser_window {overlap} must be >= 0 and smaller than the {steps}-frame chunk")
+    return steps, overlap
+
+
+def _single_event(event: Denoised) -> Iterator[DenoiseEvent]:
+    yield event
+
+
+def _denoise_chunks(flow: StarFlow, x: mx.array, text: mx.array | None, steps: int, overlap: int):
     x = mx.array(x)  # a copy: slice assignment below must not touch the caller's array
     T = x.shape[1]
-    steps = window or flow.config.local_attn_window or T
-    start, overlap = 0, 0
+    start, done = 0, 0  # frames before ``done`` are final: a chunk writes only its frames after them
     while True:
         chunk = x[:, start : start + steps]
         pred = flow.predict_noise(chunk, text, video=True)
-        x[:, start + overlap : start + steps] = (chunk - DENOISER_STEP * pred)[:, overlap:]
+        x[:, done : start + steps] = (chunk - DENOISER_STEP * pred)[:, done - start :]
         mx.eval(x)
         stop = min(start + steps, T)
-        yield FramesDenoised(start + overlap, stop, T)
-        if stop >= T:  # later official passes write nothing (and never end if overlap >= steps)
+        yield FramesDenoised(done, stop, T)
+        if stop >= T:  # later official passes write nothing
             break
-        overlap = flow.config.denoiser_window if flow.config.denoiser_window is not None else steps - 1
-        if overlap >= steps:
-            raise ValueError(f"denoiser_window {overlap} must be smaller than the {steps}-frame chunk")
-        start += steps - overlap
+        start, done = start + steps - overlap, stop
     yield Denoised(x)
 
 

@@ -30,7 +30,9 @@ from typing import ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from .codec import LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, sample_posterior
+from .codec import (
+    LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, check_tiling, sample_posterior,
+)
 from .tiling import default_overlap, tiled_apply
 from .config import Config
 from .weights import KeyMap, compute_dtype, load_model
@@ -355,6 +357,7 @@ class SDVAE(CausalFrames, nn.Module):
         images; the seams are blended over ``tile_overlap`` latent pixels. Results then differ slightly from the
         untiled decode (per-tile GroupNorm statistics and attention).
         """
+        tile_size, tile_overlap = check_tiling(tile_size, tile_overlap)
         z, frames = self._to_nhwc(latent, self.config.latent_channels, channels_last, "latent")
         z = z.astype(mx.float32) / self.config.scaling_factor
         if self.config.shift_factor is not None:
@@ -402,8 +405,8 @@ class SDVAE(CausalFrames, nn.Module):
     @staticmethod
     def _to_nhwc(x: mx.array, channels: int, channels_last: bool, what: str) -> tuple[mx.array, tuple | None]:
         """Fold (B, T, ...) into the batch and move channels last; return the frame shape to restore."""
-        if x.ndim not in (4, 5):
-            raise ValueError(f"{what} must be 4-D (B, C, H, W) or 5-D (B, T, C, H, W), got shape {list(x.shape)}")
+        layouts = "(B, T, H, W, C) or (B, H, W, C)" if channels_last else "(B, T, C, H, W) or (B, C, H, W)"
+        check_layout(what, x, channels_last, layouts)
         frames = None
         if x.ndim == 5:
             frames = x.shape[:2]
@@ -429,8 +432,8 @@ class SDDecodeStream(LatentFrameStream):
     """The SD VAE's ``codec.DecodeStream``: each latent frame decodes on its own to one image frame."""
 
     def __init__(self, vae: SDVAE, tile_size: int | None, tile_overlap: int | None, channels_last: bool):
-        super().__init__(channels_last)
-        self.vae, self.tile_size, self.tile_overlap = vae, tile_size, tile_overlap
+        super().__init__(channels_last, tile_size, tile_overlap)
+        self.vae = vae
 
     def _decode(self, latent_frame: mx.array) -> mx.array:
         x = self.vae.from_flow_latent(latent_frame, tile_size=self.tile_size, tile_overlap=self.tile_overlap,

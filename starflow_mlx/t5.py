@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import arguments
 from .config import Config
 from .weights import KeyMap, compute_dtype, load_model
 
@@ -217,18 +218,17 @@ class T5Encoder(nn.Module):
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """``last_hidden_state`` [B, L, d_model], float32, computed in the weights' dtype (padded rows are not zeroed
-        here; see ``encode``)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+        here; see ``encode``). ``input_ids``: an integer mx.array [B, L] of ids in [0, vocab_size);
+        ``attention_mask``: None or [B, L] of 0 (padding) and 1 (token), integer or bool."""
+        arguments.token_ids(input_ids, attention_mask, self.config.vocab_size, mask_required=False)
+        return self._hidden(input_ids, attention_mask)
+
+    def _hidden(self, input_ids: mx.array, attention_mask: mx.array | None) -> mx.array:
         B, L = input_ids.shape
         dtype = compute_dtype(self)  # the dtype policy: compute in the weights' dtype, hand on float32
         x = self.embed_tokens(input_ids).astype(dtype)
         bias = self.position_bias(L).astype(dtype)
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != (B, L):
-                raise ValueError(
-                    f"attention_mask shape {list(attention_mask.shape)} does not match input_ids shape {[B, L]}"
-                )
             # The most negative finite value rather than -inf, as in the reference: a fully padded row then stays
             # finite (uniform attention) instead of becoming NaN.
             neg = float(mx.finfo(bias.dtype).min)
@@ -239,14 +239,22 @@ class T5Encoder(nn.Module):
         return self.final_layer_norm(x).astype(mx.float32)
 
     def encode(self, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
-        """What STARFlow consumes, float32: ``last_hidden_state * attention_mask[..., None]`` (padded rows 0)."""
-        hidden = self(input_ids, attention_mask)
+        """What STARFlow consumes, float32: ``last_hidden_state * attention_mask[..., None]`` (padded rows 0).
+        The arguments as for the call, the mask required."""
+        arguments.token_ids(input_ids, attention_mask, self.config.vocab_size, mask_required=True)
+        hidden = self._hidden(input_ids, attention_mask)
         return hidden * attention_mask[..., None].astype(hidden.dtype)
 
 
 def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.array:
     """Tokenize already-templated prompts (see ``starflow_mlx.prompts``) and encode them: [B, max_length, d_model],
-    padded rows zero, i.e. the official ``encode_text`` for a T5 encoder."""
+    padded rows zero, i.e. the official ``encode_text`` for a T5 encoder. ``texts``: a prompt or a non-empty list
+    of prompts; ``max_length``: an integer >= 1 (the flow's ``txt_size``)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"texts must be a prompt or a non-empty list of prompts (str), got {texts!r:.80}")
+    arguments.integer("max_length", max_length, minimum=1)
     input_ids, attention_mask = tokenizer(texts, max_length)
     return model.encode(input_ids, attention_mask)
 

@@ -27,7 +27,9 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .codec import LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, sample_posterior
+from .codec import (
+    LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, sample_posterior,
+)
 from .tiling import blend_tiles, default_overlap, tile_windows
 from .config import Config
 from .weights import KeyMap, compute_dtype, load_model
@@ -484,11 +486,10 @@ class WanVAE(CausalFrames, nn.Module):
     @staticmethod
     def _to_clip(x: mx.array, channels_last: bool, what: str) -> tuple[mx.array, bool]:
         """Any accepted input -> (B, T, H, W, C) and whether it was a video."""
+        check_layout(what, x, channels_last, _layout(channels_last))
         if x.ndim == 5:
             return (x if channels_last else x.transpose(0, 1, 3, 4, 2)), True
-        if x.ndim == 4:
-            return (x if channels_last else x.transpose(0, 2, 3, 1))[:, None], False
-        raise ValueError(f"{what} must be {_layout(channels_last)}, got shape {list(x.shape)}")
+        return (x if channels_last else x.transpose(0, 2, 3, 1))[:, None], False
 
     @staticmethod
     def _from_clip(x: mx.array, video: bool, channels_last: bool) -> mx.array:
@@ -536,8 +537,8 @@ class WanDecodeStream(LatentFrameStream):
     """
 
     def __init__(self, vae: WanVAE, tile_size: Optional[int], tile_overlap: Optional[int], channels_last: bool):
-        super().__init__(channels_last)
-        self.vae, self.tile_size, self.tile_overlap = vae, tile_size, tile_overlap
+        super().__init__(channels_last, tile_size, tile_overlap)
+        self.vae = vae
         self.dtype = compute_dtype(vae)
         self._tiles: list = []  # ((y0, x0, h, w), _TimeCache) per spatial tile
 

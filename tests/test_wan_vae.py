@@ -300,7 +300,7 @@ def test_decode_stream_matches_diffusers_whole_clip(ref, model, channels_last):
     assert rel_err(mx.concatenate(chunks, axis=1), want) <= TOL
     with pytest.raises(ValueError, match=r"latent frame 3 has shape"):
         stream.push(z[:, 0, :1] if channels_last else z[:, 0, :, :1])
-    with pytest.raises(ValueError, match=r"push takes one latent frame"):
+    with pytest.raises(ValueError, match=r"latent_frame must be one latent frame"):
         stream.push(z[:, :1])
 
 
