@@ -309,12 +309,13 @@ def _is_complete(folder: Path) -> bool:
 # ---- what a killed conversion leaves beside OUT, and the locks that tell it from a running one ----
 
 
-def _leftovers(out: Path) -> list[Path]:
-    """The hidden folders of conversions to ``out`` beside it, newest first (the names of earlier versions too,
-    which had no pid)."""
+def _leftovers(out: Path) -> list[tuple[Path, str]]:
+    """The hidden folders of conversions to ``out`` beside it and their kind ("tmp" or "old"), newest first (the
+    names of earlier versions too, which had no pid)."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+-)?[0-9a-f]{{8}}")
-    found = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name)] if out.parent.is_dir() else []
-    return sorted(found, key=lambda p: p.lstat().st_mtime, reverse=True)
+    matches = [pattern.fullmatch(p.name) for p in out.parent.iterdir()] if out.parent.is_dir() else []
+    found = [(out.parent / m.group(0), m.group(1)) for m in matches if m]
+    return sorted(found, key=lambda found: found[0].lstat().st_mtime, reverse=True)
 
 
 def _tidy_leftovers(out: Path) -> None:
@@ -323,12 +324,17 @@ def _tidy_leftovers(out: Path) -> None:
     A temporary folder is incomplete by definition: removed. A folder moved aside is the model ``out`` held
     before: if ``out`` is missing (the run died between its two renames) the newest complete one is put back,
     since it is the user's model and the run that would have replaced it never finished; otherwise it is what a
-    finished conversion replaced: removed. A folder that a running conversion holds locked is left alone.
+    finished conversion replaced: removed. While a conversion to ``out`` is running (it holds its folders locked),
+    nothing is touched and this one is refused: two runs replacing one folder could lose the model it held.
     """
-    for path in _leftovers(out):
-        if _is_locked(path):
-            log.info("%s: left alone, a conversion that is still running holds it", path)
-        elif ".old-" in path.name and not out.exists() and _is_complete(path):
+    leftovers = _leftovers(out)
+    running = [path.name for path, _ in leftovers if _is_locked(path)]
+    if running:
+        raise OutputFolderError(
+            f"{out}: another conversion is writing it ({', '.join(running)}); wait for it to finish or stop it"
+        )
+    for path, kind in leftovers:
+        if kind == "old" and not out.exists() and _is_complete(path):
             os.rename(path, out)
             log.warning("%s: restored from %s, where a killed conversion had moved it aside", out, path.name)
         else:
@@ -505,6 +511,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip: Iter
     if group_size not in (32, 64, 128):
         raise ValueError(f"quantization group size must be 32, 64 or 128, got {group_size}")
     skip = tuple(skip)
+    if not any(quantizable(path, module, group_size, skip) for path, module in model.named_modules()):
+        raise ValueError(
+            f"cannot quantize: no Linear layer of this model has an input width that is a multiple of the group "
+            f"size {group_size} (--q-group-size), so nothing would be quantized; use a smaller group size or none"
+        )
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: quantizable(p, m, group_size, skip))
     return {"group_size": group_size, "bits": bits}
 
