@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert import flow, sd_vae, t5, wan_vae
 
     parser = _Parser(prog="starflow-mlx", description="STARFlow / STARFlow-V in MLX")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an internal error")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and the traceback of an internal error"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     kinds = commands.add_parser("convert", help="convert released checkpoints into MLX model folders").add_subparsers(
         dest="kind", required=True

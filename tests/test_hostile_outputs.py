@@ -122,6 +122,27 @@ def test_output_never_is_or_holds_a_source(kind, case, tmp_path, request, capsys
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["flow", "sd-vae"])
+def test_output_never_holds_the_config_file(kind, tmp_path, request, capsys, caplog):
+    """The second source of a conversion: the flow's YAML, or the config.json given to sd-vae by --config."""
+    src = source(kind, tmp_path, request)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    if kind == "flow":
+        shutil.copy(src.argv[1], configs / "config.yaml")
+        argv = ["convert", kind, src.argv[0], str(configs / "config.yaml"), str(configs), "--overwrite"]
+    else:
+        shutil.copy(src.root / "config.json", configs / "vae.json")
+        argv = ["convert", kind, *src.argv, str(configs), "--config", str(configs / "vae.json"), "--overwrite"]
+    before = snapshot(tmp_path)
+
+    code, errors, text = run_cli(argv, capsys, caplog)
+
+    assert code == 2 and len(errors) == 1 and "Traceback" not in text
+    assert errors[0].startswith(f"error: {configs}: holds the source {configs}/")
+    assert snapshot(tmp_path) == before
+
+
 def test_a_new_folder_inside_a_source_folder_is_fine(tmp_path, request):
     from starflow_mlx.convert.t5 import convert_t5
 
@@ -294,6 +315,30 @@ def test_a_failed_overwrite_keeps_the_old_folder(fail, tiny_video, model_folder,
     if words is not None:
         assert str(e.value) == f"{model_folder}: {words}"
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overwrite", [True, False], ids=["model-folder-gets-a-user-file", "user-makes-the-folder"])
+def test_output_is_checked_again_before_it_is_replaced(overwrite, tiny_video, tmp_path, monkeypatch):
+    """The user may put files into OUT (or make it) while a long conversion runs: checked again at the swap."""
+    import starflow_mlx.weights as weights
+
+    out = tmp_path / "out"
+    if overwrite:
+        shutil.copytree(tiny_video.folder, out)
+    write_files = weights._write_files
+
+    def user_writes_meanwhile(*args):
+        write_files(*args)
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("written during the conversion")
+
+    monkeypatch.setattr(weights, "_write_files", user_writes_meanwhile)
+    refused = re.escape(f"{out}: already exists and is not a starflow-mlx model folder")
+    with pytest.raises(OutputFolderError, match=refused):
+        convert_flow(tiny_video.checkpoint, tiny_video.yaml, out, overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "written during the conversion" and not leftovers(out)
+    if overwrite:
+        assert {k: v for k, v in snapshot(out).items() if k != "notes.txt"} == snapshot(tiny_video.folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,5 +734,8 @@ def test_cli_quantizing_a_model_too_small_for_the_group_size(tmp_path, request, 
         ["convert", "t5", *src.argv, str(out), "--q-bits", "4", "--q-group-size", "128"], capsys, caplog
     )
     assert code == 2 and len(errors) == 1 and "Traceback" not in text
-    assert "cannot quantize: no Linear layer of this model has an input width that is a multiple of the group size 128" in errors[0]
+    assert errors[0].startswith(
+        "error: cannot quantize: no Linear layer of this model has an input width that is a multiple of the group "
+        "size 128"
+    )
     assert not out.exists() and not leftovers(out)
