@@ -2,22 +2,30 @@
 
 Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint files are read by ``checkpoint``):
 
-- ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each, ``model-0000i-of-0000N``) and a
-  ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder and renamed into place.
+- ``check_output_folder`` / ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each,
+  ``model-0000i-of-0000N``) and a ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder
+  and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
+  when it holds a source.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
-- ``check_state_dict`` and ``KeyMap``: every key present with its shape, and the renames between a checkpoint's
-  names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``, ``t5.HF_NAMES``, ...).
+- ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
+  between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
+  ``t5.HF_NAMES``, ...).
+- ``cast_floating``: the one cast to a storage dtype, refusing weights that are not finite or do not fit it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,9 +34,25 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError
 
+log = logging.getLogger(__name__)
+
 SHARD_BYTES = 5 << 30
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The model_type of every folder starflow-mlx writes: the CLI's convert kinds and the pipeline folder.
+MODEL_TYPES = ("flow", "t5", "wan-vae", "sd-vae", "pipeline")
+# Written into folders by macOS Finder: not the user's data, so it does not stop a model folder being replaced.
+IGNORED_NAMES = (".DS_Store",)
+# Larger than any config.json we write: a larger one is not ours and is not read.
+CONFIG_MAX_BYTES = 1 << 20
+# The longest suffix of the hidden folders beside OUT while it is written, ".OUT.tmp-<pid>-<random>" and
+# ".OUT.old-<pid>-<random>" (Linux pids are below 2**22).
+LEFTOVER_SUFFIX_LONGEST = ".old-4194304-00000000"
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be written, or an existing path that a conversion must not replace."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,15 +61,23 @@ CONFIG_NAME = "config.json"
 
 
 def check_state_dict(
-    expected: dict[str, tuple], got: dict[str, mx.array], source: str | os.PathLike, ignore: Callable[[str], bool] = None
+    expected: dict[str, tuple],
+    got: dict[str, mx.array],
+    source: str | os.PathLike,
+    ignore: Callable[[str], bool] = None,
+    non_floating: Collection[str] = (),
 ) -> None:
-    """Every expected key present with its shape, nothing unexpected (except what ``ignore`` accepts)."""
+    """Every expected key present with its shape and a floating dtype, nothing unexpected (except what ``ignore``
+    accepts). Only the keys in ``non_floating`` (a quantized layer's packed weights) may hold integers: an integer
+    or boolean tensor where a weight belongs would otherwise be cast silently."""
     problems = []
     for key, shape in expected.items():
         if key not in got:
             problems.append(f"missing key {key!r} (expected shape {list(shape)})")
         elif tuple(got[key].shape) != tuple(shape):
             problems.append(f"key {key!r} has shape {list(got[key].shape)}, expected {list(shape)}")
+        elif key not in non_floating and not mx.issubdtype(got[key].dtype, mx.floating):
+            problems.append(f"key {key!r} has dtype {dtype_name(got[key].dtype)}, expected a floating tensor")
     for key in got:
         if key not in expected and not (ignore and ignore(key)):
             problems.append(f"unexpected key {key!r} (shape {list(got[key].shape)})")
@@ -53,6 +85,10 @@ def check_state_dict(
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise CheckpointError(f"{source}: {len(problems)} problem(s) with the weights:\n  {shown}{more}")
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 # Fields every KeyMap knows: a layer index, and any run of characters before or after a renamed part.
@@ -132,12 +168,207 @@ def _shards(weights: dict[str, mx.array], shard_bytes: int) -> list[dict[str, mx
     return shards
 
 
-def check_output_folder(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """``out_dir`` as a Path; an existing one is refused unless ``overwrite`` (converters ask before reading)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists (pass overwrite / --overwrite to replace it)")
-    return out_dir
+def check_output_folder(
+    out_dir: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """``out_dir`` as an absolute Path, once writing it is safe: what a converter checks before reading anything.
+
+    Refused whatever ``overwrite`` says: a path under a file, a name too long for the hidden folders beside it, a
+    symbolic link (never followed, so its target is never replaced behind the user's back), one of ``sources`` or
+    a folder holding one (writing or replacing it could delete what is being read), an existing file, and an
+    existing folder that is not a model folder of ours (``model_folder_problem``). An existing model folder is
+    replaced only with ``overwrite``. Before that, what killed conversions to the same path left beside it is
+    tidied (``_tidy_leftovers``).
+    """
+    out = _absolute(out_dir)
+    try:
+        _check_path(out)
+        _check_not_a_source(out, sources)
+        _tidy_leftovers(out)
+        _check_replaceable(out, overwrite)
+    except OSError as e:
+        raise OutputFolderError(f"{out}: cannot be used as the output folder: {e.strerror or e}") from None
+    return out
+
+
+def _absolute(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir).absolute()
+    return out.resolve() if out.name in ("", "..") else out  # "/" or a trailing "..": the folder it names
+
+
+def _check_path(out: Path) -> None:
+    """What makes ``out`` unusable whatever it holds: no name, a parent that is a file, a name too long, a link."""
+    if not out.name:
+        raise OutputFolderError(f"{out}: not a folder that can be written; name a new folder")
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputFolderError(f"{out}: cannot be created: {existing} is a file, not a folder")
+    name_max = _name_max(existing)
+    limit = name_max - len(os.fsencode("." + LEFTOVER_SUFFIX_LONGEST))  # the hidden name's leading dot and suffix
+    if len(os.fsencode(out.name)) > limit:
+        raise OutputFolderError(
+            f"{out}: the folder name is too long ({len(os.fsencode(out.name))} bytes; at most {limit} fit here, "
+            f"with the suffix of the hidden temporary folder, in this file system's {name_max})"
+        )
+    if out.is_symlink():
+        raise OutputFolderError(
+            f"{out}: is a symbolic link; name the folder itself (a link is never followed to replace its target)"
+        )
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _check_not_a_source(out: Path, sources: Iterable[str | os.PathLike]) -> None:
+    """Writing or replacing ``out`` must never delete a source: it may neither be one nor hold one (compared by real
+    path, so links and ``..`` hide nothing). A new folder inside a source folder is fine: the converters read named
+    files there, and an existing subfolder that holds sources is not a model folder of ours, so never replaced."""
+    real = out.resolve()
+    for source in sources:
+        source_real = Path(source).resolve()
+        if source_real == real:
+            raise OutputFolderError(f"{out}: is the source {source} itself; choose another output folder")
+        if real in source_real.parents:
+            raise OutputFolderError(
+                f"{out}: holds the source {source}, which writing the output there could delete; choose an output "
+                "folder outside it"
+            )
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputFolderError(f"{out}: exists and is a file, not a model folder; choose another output folder")
+    problem = model_folder_problem(out)
+    if problem:
+        raise OutputFolderError(
+            f"{out}: already exists and is not a starflow-mlx model folder ({problem}); --overwrite only replaces "
+            "a model folder, so choose another output folder"
+        )
+    if not overwrite:
+        raise OutputFolderError(f"{out}: already exists (pass overwrite / --overwrite to replace it)")
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` may hold the user's data, so that nothing may replace it; None when it is empty or a model
+    folder of ours: a ``config.json`` with a known ``model_type`` and our ``converter_version`` and ``source``, and
+    nothing but the files a model folder has (the weights, their index and the companions config.json lists)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name not in IGNORED_NAMES)
+    if not names:
+        return None
+    meta = _our_config(folder / CONFIG_NAME)
+    if meta is None:
+        return f"no {CONFIG_NAME} written by starflow-mlx"
+    own = {CONFIG_NAME, INDEX_NAME, *_companion_files(meta)}
+    foreign = [
+        name for name in names
+        if not (name in own or SHARD_NAME.fullmatch(name)) or not (folder / name).is_file()
+        or (folder / name).is_symlink()
+    ]
+    if foreign:
+        return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
+    return None
+
+
+def _our_config(path: Path) -> dict | None:
+    """The parsed ``config.json`` at ``path`` when it is one that starflow-mlx writes, else None."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > CONFIG_MAX_BYTES:
+        return None
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError:  # invalid JSON or text
+        return None
+    if not isinstance(meta, dict) or meta.get("model_type") not in MODEL_TYPES:
+        return None
+    return meta if {"converter_version", "source"} <= meta.keys() else None
+
+
+def _companion_files(meta: dict) -> list[str]:
+    tokenizer = meta.get("tokenizer")
+    files = tokenizer.get("files") if isinstance(tokenizer, dict) else None
+    return [name for name in files if isinstance(name, str)] if isinstance(files, list) else []
+
+
+def _is_complete(folder: Path) -> bool:
+    """A model folder of ours with every file its config and index name: one a killed run may put back."""
+    meta = _our_config(folder / CONFIG_NAME)
+    if meta is None or model_folder_problem(folder) is not None:
+        return False
+    try:
+        shards = set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all(isinstance(name, str) and (folder / name).is_file() for name in [*shards, *_companion_files(meta)])
+
+
+# ---- what a killed conversion leaves beside OUT, and the locks that tell it from a running one ----
+
+
+def _leftovers(out: Path) -> list[tuple[Path, str]]:
+    """The hidden folders of conversions to ``out`` beside it and their kind ("tmp" or "old"), newest first (the
+    names of earlier versions too, which had no pid)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+-)?[0-9a-f]{{8}}")
+    matches = [pattern.fullmatch(p.name) for p in out.parent.iterdir()] if out.parent.is_dir() else []
+    found = [(out.parent / m.group(0), m.group(1)) for m in matches if m]
+    return sorted(found, key=lambda found: found[0].lstat().st_mtime, reverse=True)
+
+
+def _tidy_leftovers(out: Path) -> None:
+    """Tidy what conversions to ``out`` that were killed (SIGKILL, a crash, power loss) left beside it.
+
+    A temporary folder is incomplete by definition: removed. A folder moved aside is the model ``out`` held
+    before: if ``out`` is missing (the run died between its two renames) the newest complete one is put back,
+    since it is the user's model and the run that would have replaced it never finished; otherwise it is what a
+    finished conversion replaced: removed. While a conversion to ``out`` is running (it holds its folders locked),
+    nothing is touched and this one is refused: two runs replacing one folder could lose the model it held.
+    """
+    leftovers = _leftovers(out)
+    running = [path.name for path, _ in leftovers if _is_locked(path)]
+    if running:
+        raise OutputFolderError(
+            f"{out}: another conversion is writing it ({', '.join(running)}); wait for it to finish or stop it"
+        )
+    for path, kind in leftovers:
+        if kind == "old" and not out.exists() and _is_complete(path):
+            os.rename(path, out)
+            log.warning("%s: restored from %s, where a killed conversion had moved it aside", out, path.name)
+        else:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            log.warning("%s: removed, left behind by a killed conversion", path)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` (on its inode: it follows the folder through renames); the system drops
+    it when the process dies, however it dies, which is how ``_tidy_leftovers`` tells a killed run from a live one."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputFolderError(f"{folder}: another conversion is writing it; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _is_locked(path: Path) -> bool:
+    try:
+        with _locked(path):
+            return False
+    except OutputFolderError:
+        return True
+
+
+# ---- writing ----
 
 
 def write_model_folder(
@@ -149,42 +380,82 @@ def write_model_folder(
     shard_bytes: int | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically.
+    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically; returns its absolute
+    path.
 
-    Everything is written into a hidden temporary folder beside ``out_dir`` and renamed at the end; any failure
-    (including Ctrl-C) removes the temporary folder, so ``out_dir`` is either complete or absent.
+    ``out_dir`` is checked first (``check_output_folder``). Everything is written into ``.OUT.tmp-<pid>-<random>``
+    beside it, locked while this process lives so that no other run takes it for a leftover, and renamed into
+    place at the end; an existing model folder is moved aside to ``.OUT.old-<pid>-<random>`` only then, and deleted
+    once the new one is in place. Any failure (Ctrl-C and the CLI's SIGTERM included) removes the temporary folder
+    and the parent folders this call created and puts the old folder back, so ``out_dir`` is either complete or as
+    it was. A failure to write (disk full, read-only, name too long) is an ``OutputFolderError`` naming ``out_dir``.
     """
-    out_dir = check_output_folder(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = None
+    out = check_output_folder(out_dir, overwrite)
+    missing_parents = [p for p in reversed(out.parents) if not p.exists()]
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        for folder in missing_parents:
+            folder.mkdir()
         tmp.mkdir()
-        shards = _shards(weights, shard_bytes or SHARD_BYTES)
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
-            for key, value in shard.items():
-                weight_map[key] = name
-                total += value.nbytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except BaseException:
+        with _locked(tmp):
+            _write_files(tmp, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+            _put_in_place(tmp, out, overwrite)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.rename(old, out_dir)
+        for folder in reversed(missing_parents):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, OSError):
+            raise OutputFolderError(f"{out}: cannot write the model folder: {e.strerror or e}") from None
         raise
-    if old is not None:
+    return out
+
+
+def _write_files(folder: Path, config: dict, weights: dict[str, mx.array], shard_bytes: int, extra_files: dict) -> None:
+    shards = _shards(weights, shard_bytes)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_shard(folder / name, shard)
+        for key, value in shard.items():
+            weight_map[key] = name
+            total += value.nbytes
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False))
+    for name, data in extra_files.items():
+        (folder / name).write_bytes(data)
+
+
+def _save_shard(path: Path, shard: dict[str, mx.array]) -> None:
+    """``mx.save_safetensors``, its failures as the ``OSError`` they are: MLX reports a failed write as a
+    RuntimeError without the cause, so a full disk is told apart by the space left."""
+    try:
+        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+    except RuntimeError as e:
+        if shutil.disk_usage(path.parent).free < sum(value.nbytes for value in shard.values()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise OSError(errno.EIO, str(e), str(path)) from None
+
+
+def _put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``. An existing ``out``, checked again (the conversion took a while), is moved aside,
+    locked so that a concurrent run does not take it for a leftover, put back if the rename fails, and deleted
+    once the new folder is in place."""
+    _check_replaceable(out, overwrite)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with _locked(out):
+        try:
+            os.rename(out, old)
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -240,6 +511,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip: Iter
     if group_size not in (32, 64, 128):
         raise ValueError(f"quantization group size must be 32, 64 or 128, got {group_size}")
     skip = tuple(skip)
+    if not any(quantizable(path, module, group_size, skip) for path, module in model.named_modules()):
+        raise ValueError(
+            f"cannot quantize: no Linear layer of this model has an input width that is a multiple of the group "
+            f"size {group_size} (--q-group-size), so nothing would be quantized; use a smaller group size or none"
+        )
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda p, m: quantizable(p, m, group_size, skip))
     return {"group_size": group_size, "bits": bits}
 
@@ -254,8 +530,9 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], config: di
             bits=quant["bits"],
             class_predicate=lambda p, m: isinstance(m, nn.Linear) and f"{p}.scales" in weights,
         )
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_state_dict(expected, weights, source)
+    parameters = tree_flatten(model.parameters())
+    packed = {k for k, v in parameters if not mx.issubdtype(v.dtype, mx.floating)}
+    check_state_dict({k: v.shape for k, v in parameters}, weights, source, non_floating=packed)
     model.update(tree_unflatten(list(weights.items())))
     return model
 
@@ -285,7 +562,7 @@ def load_model(
     model = build(config)
     weights = read_model_folder(folder)
     if dtype is not None:
-        weights = cast_floating(weights, parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+        weights = cast_floating(weights, parse_dtype(dtype) if isinstance(dtype, str) else dtype, folder)
     load_weights_into(model, weights, raw, folder)
     model.eval()
     mx.eval(model.parameters())
@@ -303,8 +580,30 @@ def compute_dtype(module: nn.Module) -> mx.Dtype:
     return mx.float32
 
 
-def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype, source: str | os.PathLike) -> dict[str, mx.array]:
+    """The floating weights cast to ``dtype`` (the others kept), evaluated one tensor at a time so that checking
+    them costs one tensor's memory at most. Refused, naming the key: a weight with inf or NaN values in ``source``
+    (whatever ``dtype``), and one whose values do not fit ``dtype`` (beyond float16's 65504, or float32's largest
+    values in bfloat16), with the largest magnitude and the dtypes that hold it."""
+    cast = {}
+    for key, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            cast[key] = value
+            continue
+        converted = value.astype(dtype)
+        finite, fits = mx.all(mx.isfinite(value)), mx.all(mx.isfinite(converted))
+        mx.eval(converted, finite, fits)
+        if not finite.item():
+            raise CheckpointError(f"{source}: weight {key!r} holds inf or NaN values; the checkpoint is damaged")
+        if not fits.item():
+            largest = mx.max(mx.abs(value)).item()
+            wider = "float32" if dtype == mx.bfloat16 else "bfloat16 or float32"
+            raise CheckpointError(
+                f"{source}: weight {key!r} has values up to {largest:.6g}, beyond {dtype_name(dtype)}'s largest "
+                f"{mx.finfo(dtype).max:.6g}; use --dtype {wider}"
+            )
+        cast[key] = converted
+    return cast
 
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}

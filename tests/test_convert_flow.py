@@ -11,7 +11,7 @@ from starflow_mlx.convert.flow import convert_flow
 from starflow_mlx.cli import main as cli_main
 from starflow_mlx.flow import load_flow
 from starflow_mlx.checkpoint import CheckpointError
-from starflow_mlx.weights import read_model_folder
+from starflow_mlx.weights import OutputFolderError, read_model_folder
 
 torch = pytest.importorskip("torch")
 
@@ -109,7 +109,7 @@ def test_interrupted_write_leaves_nothing(tiny_video, tmp_path, monkeypatch):
 
 def test_existing_output_needs_overwrite(tiny_video, tmp_path):
     out = convert_flow(tiny_video.checkpoint, tiny_video.yaml, tmp_path / "out")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="--overwrite"):
         convert_flow(tiny_video.checkpoint, tiny_video.yaml, out)
     convert_flow(tiny_video.checkpoint, tiny_video.yaml, out, overwrite=True)
     assert load_flow(out).config.channels == 64 and not leftovers(out)

@@ -30,7 +30,7 @@ from starflow_mlx.wan_vae import (  # noqa: E402
     original_names,
 )
 from starflow_mlx.checkpoint import CheckpointError  # noqa: E402
-from starflow_mlx.weights import compute_dtype, read_config, sha256_file  # noqa: E402
+from starflow_mlx.weights import OutputFolderError, compute_dtype, read_config, sha256_file  # noqa: E402
 
 from diffusers import AutoencoderKLWan  # noqa: E402
 from tests.conftest import diffusers_wan_decode_unclamped  # noqa: E402
@@ -223,7 +223,7 @@ def test_converter_rejects_wan21_config_and_existing_output(folders, tmp_path):
     with pytest.raises(ValueError, match="is_residual"):
         convert_wan_vae(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(OutputFolderError, match="already exists"):
         convert_wan_vae(folders / "Wan2.2_VAE.pth", folders / "mlx_wan")
 
 

@@ -27,11 +27,14 @@ from ..weights import (
 log = logging.getLogger(__name__)
 
 
-def check_output(out_dir: str | os.PathLike, dtype: str, overwrite: bool) -> Path:
-    """What a converter checks first, before reading anything: a known ``dtype`` and, unless ``overwrite``, no
-    existing ``out_dir``. Returns ``out_dir`` as a Path."""
+def check_output(
+    out_dir: str | os.PathLike, dtype: str, overwrite: bool, sources: Sequence[str | os.PathLike]
+) -> Path:
+    """What a converter checks first, before reading anything: a known ``dtype``, and an output folder that is safe
+    to write and never one of ``sources`` (the paths the user named) nor holds one (``check_output_folder``).
+    Returns ``out_dir`` as an absolute Path."""
     parse_dtype(dtype)
-    return check_output_folder(out_dir, overwrite)
+    return check_output_folder(out_dir, overwrite, sources)
 
 
 def write_converted(
@@ -53,12 +56,14 @@ def write_converted(
 ) -> Path:
     """Write converted ``weights`` (our names and layouts) as an MLX model folder, atomically; returns its path.
 
-    The floating weights are cast to ``dtype``; with ``q_bits`` they are loaded into ``model`` (built from
-    ``config``) and its Linear layers quantized, except those whose name contains a ``quant_skip`` entry.
+    The floating weights are cast to ``dtype`` (refused, naming the key, when not finite or beyond its range); with
+    ``q_bits`` they are loaded into ``model`` (built from ``config``) and its Linear layers quantized, except those
+    whose name contains a ``quant_skip`` entry.
     config.json holds ``config`` (with its ``model_type``), the dtype, ``config_extra``, the ``source`` block (the
     sha256 of each of ``sources``, plus ``source_extra``), the converter version and the quantization.
     """
-    weights = cast_floating(weights, parse_dtype(dtype))
+    source = sources[0] if len(sources) == 1 else Path(sources[0]).parent  # a file, or the folder of the shards
+    weights = cast_floating(weights, parse_dtype(dtype), source)
     quantization = None
     if q_bits:
         model.update(tree_unflatten(list(weights.items())))
@@ -83,9 +88,11 @@ def write_converted(
 def add_output_arguments(parser: argparse.ArgumentParser, quantize: bool = False) -> None:
     """The arguments every ``convert <kind>`` shares, after its source arguments: OUT, ``--dtype``,
     ``--overwrite`` and, where the converter quantizes, ``--q-bits`` / ``--q-group-size``."""
-    parser.add_argument("out", help="output folder (written atomically)")
+    parser.add_argument("out", help="output folder (written atomically; never one holding a source)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the stored weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing model folder (never a folder of other files)"
+    )
     if quantize:
         parser.add_argument(
             "--q-bits", type=int, choices=[4, 8], default=None, help="quantize Linear layers (MLX affine)"

@@ -33,7 +33,7 @@ def convert_flow(
     txt_dim: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    out_dir = check_output(out_dir, dtype, overwrite)
+    out_dir = check_output(out_dir, dtype, overwrite, [checkpoint, config_yaml])
     checkpoint, config_yaml = Path(checkpoint), Path(config_yaml)
     config = load_official_yaml(config_yaml, txt_dim)
     state = read_state_dict(checkpoint)

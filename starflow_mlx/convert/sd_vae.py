@@ -124,7 +124,8 @@ def convert_sd_vae(
     config: str | os.PathLike | dict | None = None,
 ) -> Path:
     """Convert ``src`` (diffusers VAE folder or weights file) into the MLX folder ``out_dir``; return its path."""
-    out_dir = check_output(out_dir, dtype, overwrite)
+    named = [src] + ([config] if isinstance(config, (str, os.PathLike)) else [])
+    out_dir = check_output(out_dir, dtype, overwrite, named)
     src = Path(src)
     weights_path, diffusers_cfg = _locate(src, config)
     state = _squeeze_attention(ALIASES.rename(read_state_dict(weights_path), weights_path))
@@ -139,11 +140,7 @@ def convert_sd_vae(
     expected = {k: _torch_shape(v.shape) for k, v in tree_flatten(model.parameters())}
     check_state_dict(expected, state, weights_path)
 
-    weights = {}
-    for key, value in sorted(state.items()):
-        if not mx.issubdtype(value.dtype, mx.floating):
-            raise CheckpointError(f"{weights_path}: key {key!r} has dtype {value.dtype}, expected a floating tensor")
-        weights[key] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+    weights = {key: value.transpose(0, 2, 3, 1) if value.ndim == 4 else value for key, value in sorted(state.items())}
 
     return write_converted(
         out_dir, cfg, weights, model, dtype=dtype, sources=[weights_path], converter_version=CONVERTER_VERSION,

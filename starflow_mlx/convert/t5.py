@@ -147,7 +147,7 @@ def convert_t5(
     overwrite: bool = False,
 ) -> Path:
     """Convert a Hugging Face T5 folder into an MLX T5 encoder folder; returns the output path."""
-    out_dir = check_output(out_dir, dtype, overwrite)
+    out_dir = check_output(out_dir, dtype, overwrite, [src])
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")

@@ -192,7 +192,7 @@ def convert_wan_vae(
     ``dim_mult``/``num_res_blocks``/``temporal_downsample`` apply to the original format only (diffusers folders
     carry them in config.json); the defaults are Wan2.2's.
     """
-    out_dir = check_output(out_dir, dtype, overwrite)
+    out_dir = check_output(out_dir, dtype, overwrite, [src])
     src = Path(src)
     if src.is_dir():
         config_path, files = _diffusers_files(src)
