@@ -114,9 +114,9 @@ def _expected(hint: Any, limits: Mapping) -> str:
         item = _expected(item_args[0] if item_args else Any, {k: v for k, v in limits.items() if k != "length"})
         count = f" of {limits['length'][0]} to {limits['length'][1]} entries" if "length" in limits else ""
         return f"a list{count}, each {item}"
+    if "choices" in limits:
+        return "one of " + ", ".join(repr(c) for c in limits["choices"])
     if hint is str:
-        if "choices" in limits:
-            return "one of " + ", ".join(repr(c) for c in limits["choices"])
         if "form" in limits:
             return limits["form"]
         return f"a string of at most {limits.get('length', (0, MAX_STRING))[1]} characters"
@@ -169,6 +169,8 @@ def check_value(value: Any, hint: Any, where: str, limits: Mapping = {}) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int) or not _within(value, limits):
+            refuse()
+        if "choices" in limits and value not in limits["choices"]:
             refuse()
         return value
     if hint is float:
@@ -246,6 +248,8 @@ class Config:
     """
 
     model_type: ClassVar[str] = ""
+    # Keys of a stored config that are not fields, skipped by from_dict: a converted folder's metadata.
+    metadata_keys: ClassVar[tuple[str, ...]] = FOLDER_KEYS
     # Refuse configs whose parameter_count exceeds this (about 10x the largest released model of the kind).
     max_parameters: ClassVar[int | None] = None
 
@@ -279,13 +283,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "Config":
-        """The config of a converted folder (metadata keys ignored): unknown or missing fields are errors."""
+        """The config of a converted folder: unknown or missing fields are errors; the folder metadata
+        (``metadata_keys``) is not a field, and its blocks that loading uses are checked too."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a mapping of {cls.model_type} config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names - set(FOLDER_KEYS)
+        unknown = set(d) - names - set(cls.metadata_keys)
         if unknown:
             raise ValueError(f"{source}: unknown {cls.model_type} config field(s): {_listed(unknown)}")
+        if cls.metadata_keys == FOLDER_KEYS:
+            check_folder_keys(d, source)
         required = [
             f.name for f in dataclasses.fields(cls)
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d
@@ -300,6 +307,36 @@ class Config:
     def to_dict(self) -> dict:
         """The fields, JSON-ready, preceded by ``model_type``: what a converted folder's config.json holds."""
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+
+@dataclass
+class Quantization(Config):
+    """The ``quantization`` block of a quantized folder's config.json (MLX affine, the mlx-lm convention)."""
+
+    model_type: ClassVar[str] = "quantization"
+    metadata_keys: ClassVar[tuple[str, ...]] = ()
+
+    group_size: int = bounded(choices=(32, 64, 128))
+    bits: int = bounded(choices=(2, 3, 4, 5, 6, 8))
+
+
+@dataclass
+class TokenizerFiles(Config):
+    """The ``tokenizer`` block of a T5 folder's config.json: the tokenizer files copied beside the weights."""
+
+    model_type: ClassVar[str] = "tokenizer"
+    metadata_keys: ClassVar[tuple[str, ...]] = ()
+
+    extra_ids: int = bounded(100, min=0, max=1 << 22)
+    files: list[str] = bounded(default_factory=list, length=(0, 16), pattern=r"[\w.-]{1,128}", form="a file name")
+
+
+def check_folder_keys(d: dict, source: str) -> None:
+    """The folder metadata of a converted folder's config.json that loading uses: the quantization and tokenizer
+    blocks (the others are informational)."""
+    for key, block in (("quantization", Quantization), ("tokenizer", TokenizerFiles)):
+        if d.get(key) is not None:
+            block.from_dict(d[key], f"{source}: {key}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +479,9 @@ class FlowConfig(Config):
             # would need paths nothing can be checked against
             raise ValueError("cond_top_only=0 (text in the shallow blocks) is not supported")
         if self.num_heads is not None and self.num_heads * self.head_dim != self.channels:
-            raise ValueError(f"num_heads {self.num_heads} x head_dim {self.head_dim} must equal channels {self.channels}")
+            raise ValueError(
+                f"num_heads {self.num_heads} x head_dim {self.head_dim} must equal channels {self.channels}"
+            )
         for name in ("channels", "top_block_channels"):
             width = getattr(self, name)
             if width is not None and width % self.head_dim:
@@ -541,11 +580,11 @@ def _yaml_loader():
                 self.depth -= 1
 
     digits = list("-+0123456789")
+    decimal = r"([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+"
     resolvers = [
         ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
         ("int", r"[-+]?(0|[1-9][0-9]*)", digits),
-        ("float", r"[-+]?(([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+|\.(inf|Inf|INF|nan|NaN|NAN))",
-         digits + ["."]),
+        ("float", rf"[-+]?({decimal}|\.(inf|Inf|INF|nan|NaN|NAN))", digits + ["."]),
         ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
     ]
     for tag, regex, first in resolvers:
@@ -586,7 +625,7 @@ def official_args(raw: Any, source: str) -> dict:
     out = {}
     for item in raw:
         if not isinstance(item, dict) or len(item) != 1:
-            raise ValueError(f"{source}: each entry under 'arguments' must be a single 'name: value', got {shown(item)}")
+            raise ValueError(f"{source}: each entry under 'arguments' must be one 'name: value', got {shown(item)}")
         (name, value), = item.items()
         if not isinstance(name, str):
             raise ValueError(f"{source}: argument name {shown(name)} is not a string")
