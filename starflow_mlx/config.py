@@ -770,12 +770,12 @@ def config_from_official(args: dict, source: str = "config", txt_dim: int | None
     official = _official_fields()
     values = {ours: _OFFICIAL_DEFAULTS[name] for name, ours in official.items() if name in _OFFICIAL_DEFAULTS}
     values.update({official[name]: _official_value(name, v, source) for name, v in args.items() if name in official})
-    factor = _vae_downsample(values.get("vae", "none"))
-    pixel_size = values["pixel_size"]
-    if pixel_size % factor:
-        raise ValueError(f"{source}: img_size {pixel_size} is not a multiple of the VAE downsample {factor}")
     used = set(official) | {"layers_per_block", "blocks", "cfg", *_UNSUPPORTED, *_REQUIRED_ON}
+    pixel_size = values["pixel_size"]
     try:
+        factor = _vae_downsample(values.get("vae", "none"))
+        if pixel_size % factor:
+            raise ValueError(f"img_size {pixel_size} is not a multiple of the VAE downsample {factor}")
         return FlowConfig(
             **values,
             img_size=pixel_size // factor,

@@ -5,6 +5,8 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
 - ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each, ``model-0000i-of-0000N``) and a
   ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder and renamed into place.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
+- ``shard_files``: the shard files a ``*.index.json`` names (ours or a checkpoint's), each a plain file name inside
+  the index's folder; used by ``read_model_folder`` and every converter that reads a sharded checkpoint.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape, and the renames between a checkpoint's
   names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``, ``t5.HF_NAMES``, ...).
 """

@@ -145,9 +145,9 @@ def convert_t5(
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
     config, hf = read_hf_config(src)
+    files = _weight_files(src)
     tokenizer_files, extra_ids = _tokenizer_files(src, config)
 
-    files = _weight_files(src)
     state: dict[str, mx.array] = {}
     for path in files:
         for key, value in read_state_dict(path).items():
