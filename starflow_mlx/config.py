@@ -92,7 +92,7 @@ def shown(value: Any, width: int = 80) -> str:
 
 
 def _listed(names: typing.Iterable[str], most: int = 10) -> str:
-    names = sorted(names)
+    names = sorted(names, key=str)
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return ", ".join(shown(n, 40) if not isinstance(n, str) or len(n) > 40 else n for n in names[:most]) + more
 
@@ -348,16 +348,15 @@ def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> 
     """The UTF-8 text of a regular file of at most ``max_bytes``; every problem is a one-line ``ValueError``."""
     path = Path(path)
     try:
-        if not path.exists():
-            raise ValueError(f"{path}: no such file")
-        if path.is_dir():
-            raise ValueError(f"{path}: is a folder, expected a file")
-        if not path.is_file():
-            raise ValueError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
+        if is_file:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not is_file:
+        problem = "is a folder, expected a file" if is_dir else "not a regular file" if exists else "no such file"
+        raise ValueError(f"{path}: {problem}")
     if len(data) > max_bytes:
         raise ValueError(f"{path}: larger than the {max_bytes:,}-byte limit for this kind of file")
     try:
@@ -648,6 +647,7 @@ _UNSUPPORTED = {
     "noise_embed_denoiser": 0,
     "model_type": None,
 }
+_REQUIRED_OFFICIAL = ("img_size", "channel_size", "channels", "layers_per_block", "txt_size")
 # Flags whose parser default (0) we do not support: they must be given as 1.
 _REQUIRED_ON = ("rope", "sos")
 # Official names of FlowConfig fields where they differ from ours.
@@ -676,19 +676,28 @@ def _official_flag(value: Any, where: str) -> bool:
     raise ValueError(f"{where} must be 0 or 1 (or true/false), got {shown(value)}")
 
 
+def _not_optional(hint: Any) -> Any:
+    """``X`` for ``X | None``; other hints unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def _official_value(name: str, value: Any, source: str) -> Any:
     """One official field as the FlowConfig field it sets, checked against that field's type and limits; errors
     name the official field. Flags are 0/1, ``null``/'none' leaves an optional field unset."""
     ours = _official_fields()[name]
     where = f"{source}: {name}"
-    hint = typing.get_type_hints(FlowConfig)[ours]
+    hint, limits = _field_specs(FlowConfig)[ours]
     if hint is bool:
         return _official_flag(value, where)
     if ours in ("vae", "text") and value is None:
         return "none"
-    if value in ("none", "None") and type(None) in typing.get_args(hint):
+    if name in _REQUIRED_OFFICIAL:  # never unset, even where the FlowConfig field may be (pixel_size)
+        hint = _not_optional(hint)
+    elif value in ("none", "None") and type(None) in typing.get_args(hint):
         value = None
-    return FlowConfig.check_field(ours, value, where)
+    return check_value(value, hint, where, limits)
 
 
 def _layers_per_block(args: dict, source: str) -> list[int]:
@@ -762,8 +771,7 @@ def config_from_official(args: dict, source: str = "config", txt_dim: int | None
     ``soft_clip: .nan`` are errors, not truncated or kept); the others are kept in ``extra`` when they are small
     plain values.
     """
-    required = ["img_size", "channel_size", "channels", "layers_per_block", "txt_size"]
-    missing = [k for k in required if k not in args]
+    missing = [k for k in _REQUIRED_OFFICIAL if k not in args]
     if missing:
         raise ValueError(f"{source}: missing required field(s): {', '.join(missing)}")
     _check_supported(args, source)
