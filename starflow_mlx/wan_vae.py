@@ -20,7 +20,7 @@ no temporal scale. ``encode`` gives Wan's own posterior ``(mu, logvar)``, before
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 

@@ -26,7 +26,6 @@ from starflow_mlx.config import (
     MAX_YAML_BYTES,
     Quantization,
     TokenizerFiles,
-    config_from_official,
     load_official_yaml,
     read_json_object,
 )
