@@ -12,10 +12,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .attention import RMSNorm, TransformerLayer
-from .config import FlowConfig
+from .config import DENOISER_LAYERS, FlowConfig
 from .rope import rope_table
-
-DENOISER_LAYERS = 8
 
 
 def window_mask(txt_len: int, frames: int, frame_size: int, block_causal: int, window: int | None) -> np.ndarray:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import mlx.core as mx
@@ -34,11 +34,17 @@ from .codec import (
     LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, check_tiling, sample_posterior,
 )
 from .tiling import default_overlap, tiled_apply
-from .config import Config
+from .config import Config, bounded, shown
 from .weights import KeyMap, compute_dtype, load_model
 
 # diffusers hard-codes this for AutoencoderKL: every norm uses eps 1e-6 (the logvar clamp is in codec).
 NORM_EPS = 1e-6
+
+
+# Upper bounds: about 10x the SD-family VAEs (widths up to 512, 4 blocks, 4 to 16 latent channels, 83,653,863
+# weights for sd-vae-ft-ema).
+MAX_SD_WIDTH = 4096
+MAX_SD_PARAMETERS = 1_000_000_000
 
 
 @dataclass
@@ -46,33 +52,55 @@ class SDVAEConfig(Config):
     """Architecture of an ``AutoencoderKL`` (diffusers field names); the defaults are ``sd-vae-ft-ema``."""
 
     model_type: ClassVar[str] = "sd-vae"
+    max_parameters: ClassVar[int] = MAX_SD_PARAMETERS
 
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
+    in_channels: int = bounded(3, min=1, max=64)
+    out_channels: int = bounded(3, min=1, max=64)
+    latent_channels: int = bounded(4, min=1, max=256)
+    block_out_channels: list[int] = bounded(
+        default_factory=lambda: [128, 256, 512, 512], min=1, max=MAX_SD_WIDTH, length=(1, 8)
+    )
+    layers_per_block: int = bounded(2, min=1, max=32)
+    norm_num_groups: int = bounded(32, min=1, max=1024)
+    scaling_factor: float = bounded(0.18215, above=0, max=100)
+    shift_factor: float | None = bounded(None, min=-100, max=100)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
     def validate(self) -> None:
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels must name at least one block")
         for c in self.block_out_channels:
-            if c <= 0 or c % self.norm_num_groups:
+            if c % self.norm_num_groups:
                 raise ValueError(
-                    f"block_out_channels {self.block_out_channels}: every width must be a positive multiple of "
+                    f"block_out_channels {self.block_out_channels}: every width must be a multiple of "
                     f"norm_num_groups {self.norm_num_groups}"
                 )
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.scaling_factor:
-            raise ValueError("scaling_factor must be non-zero")
+
+    def parameter_count(self) -> int:
+        """Weights of ``SDVAE(self)``, module by module as ``Encoder`` / ``Decoder`` build them."""
+        conv = lambda i, o, taps=9: taps * i * o + o  # noqa: E731
+        resnet = lambda i, o: 2 * i + conv(i, o) + 2 * o + conv(o, o) + (conv(i, o, 1) if i != o else 0)  # noqa: E731
+        # the mid block: two resnets and, optionally, a group norm and four 1x1 projections
+        mid = lambda d: 2 * resnet(d, d) + (2 * d + 4 * conv(d, d, 1)) * self.mid_block_add_attention  # noqa: E731
+        latent, n = self.latent_channels, len(self.block_out_channels)
+
+        def stack(widths: list[int], layers: int) -> int:
+            """The resnets and resamplers of the down (or up) blocks."""
+            total = 0
+            for i, w in enumerate(widths):
+                total += resnet(widths[max(i - 1, 0)], w) + (layers - 1) * resnet(w, w)
+                total += conv(w, w) if i < n - 1 else 0
+            return total
+
+        widths = self.block_out_channels
+        encoder = conv(self.in_channels, widths[0]) + stack(widths, self.layers_per_block) + mid(widths[-1])
+        encoder += 2 * widths[-1] + conv(widths[-1], 2 * latent)
+        widths = widths[::-1]
+        decoder = conv(latent, widths[0]) + mid(widths[0]) + stack(widths, self.layers_per_block + 1)
+        decoder += 2 * widths[-1] + conv(widths[-1], self.out_channels)
+        quant = conv(2 * latent, 2 * latent, 1) * self.use_quant_conv
+        post_quant = conv(latent, latent, 1) * self.use_post_quant_conv
+        return encoder + decoder + quant + post_quant
 
     @property
     def downsample(self) -> int:
@@ -88,17 +116,14 @@ class SDVAEConfig(Config):
         """
         act = d.get("act_fn", "silu")
         if act != "silu":
-            raise ValueError(f"act_fn {act!r} is not supported (only 'silu')")
-        n = len(d.get("block_out_channels", cls().block_out_channels))
-        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = d.get(key)
-            if types is None:
-                continue
-            if len(types) != n or any(t != want for t in types):
-                raise ValueError(f"{key} {list(types)} is not supported: expected {n} x {want!r}")
+            raise ValueError(f"act_fn {shown(act)} is not supported (only 'silu')")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        n = len(config.block_out_channels)
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            if d.get(key) is not None and d[key] != [want] * n:
+                raise ValueError(f"{key} {shown(d[key])} is not supported: expected {n} x {want!r}")
+        return config
 
 
 # ----------------------------------------------------------------------------------------------------------------

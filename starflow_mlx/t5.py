@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import arguments
-from .config import Config
+from .config import Config, bounded
 from .weights import KeyMap, compute_dtype, load_model
 
 # feed_forward_proj -> (gated, activation). Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new")
@@ -50,41 +50,43 @@ _ACTIVATIONS = {
 }
 
 
+# Upper bounds: about 10x the largest released T5 encoders (flan-T5-XXL: d_model 4096, 64 heads, d_ff 10240;
+# T5-11B: d_kv 128, 128 heads, d_ff 65536; mT5: a 250,112-token vocabulary; 24 layers).
+MAX_T5_PARAMETERS = 60_000_000_000
+
+
 @dataclass
 class T5Config(Config):
     """Architecture of a T5 encoder (Hugging Face field names); defaults are google/flan-t5-xl."""
 
     model_type: ClassVar[str] = "t5"
+    max_parameters: ClassVar[int] = MAX_T5_PARAMETERS
 
-    vocab_size: int = 32128
-    d_model: int = 2048
-    d_kv: int = 64
-    d_ff: int = 5120
-    num_layers: int = 24
-    num_heads: int = 32
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
+    vocab_size: int = bounded(32128, min=1, max=1 << 22)
+    d_model: int = bounded(2048, min=1, max=1 << 15)
+    d_kv: int = bounded(64, min=1, max=1024)
+    d_ff: int = bounded(5120, min=1, max=1 << 19)
+    num_layers: int = bounded(24, min=1, max=256)
+    num_heads: int = bounded(32, min=1, max=1024)
+    # half the buckets for each direction, half of those exact: an even count >= 4
+    relative_attention_num_buckets: int = bounded(32, min=4, max=1024, multiple_of=2)
+    relative_attention_max_distance: int = bounded(128, min=1, max=1 << 16)
+    layer_norm_epsilon: float = bounded(1e-6, above=0, max=0.1)
+    feed_forward_proj: str = bounded("gated-gelu", choices=tuple(_FEED_FORWARD))
 
     def validate(self) -> None:
-        if self.feed_forward_proj not in _FEED_FORWARD:
-            raise ValueError(
-                f"unsupported T5 feed_forward_proj {self.feed_forward_proj!r}; "
-                f"expected one of {', '.join(_FEED_FORWARD)}"
-            )
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"T5 config field {name} must be positive, got {getattr(self, name)!r}")
-        if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
-            raise ValueError(
-                f"relative_attention_num_buckets must be an even number >= 4, got {self.relative_attention_num_buckets}"
-            )
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
             raise ValueError(
                 f"relative_attention_max_distance ({self.relative_attention_max_distance}) must exceed "
                 f"relative_attention_num_buckets // 4 ({self.relative_attention_num_buckets // 4})"
             )
+
+    def parameter_count(self) -> int:
+        """Weights of ``T5Encoder(self)``: no biases; one relative bias table, in layer 0."""
+        d, inner = self.d_model, self.num_heads * self.d_kv
+        feed_forward = (3 if self.gated else 2) * d * self.d_ff
+        layer = 4 * d * inner + feed_forward + 2 * d  # q, k, v, o; the feed-forward; two norms
+        return self.vocab_size * d + self.num_layers * layer + self.relative_attention_num_buckets * self.num_heads + d
 
     @property
     def gated(self) -> bool:

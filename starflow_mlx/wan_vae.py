@@ -20,7 +20,7 @@ no temporal scale. ``encode`` gives Wan's own posterior ``(mu, logvar)``, before
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -31,7 +31,7 @@ from .codec import (
     LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, sample_posterior,
 )
 from .tiling import blend_tiles, default_overlap, tile_windows
-from .config import Config
+from .config import Config, bounded
 from .weights import KeyMap, compute_dtype, load_model
 
 CACHE_T = 2  # frames of earlier input each causal conv keeps between chunks
@@ -51,22 +51,30 @@ WAN22_LATENTS_STD = [
 ]
 
 
+# Upper bounds: about 10x Wan2.2's VAE (widths 160 / 256 x up to 4, 48 latent channels, 704,688,668 weights).
+MAX_WAN_WIDTH = 4096
+MAX_WAN_PARAMETERS = 7_000_000_000
+
+
 @dataclass
 class WanVAEConfig(Config):
     """Architecture of the Wan2.2 VAE and STARFlow's latent normalisation; the defaults are Wan2.2's."""
 
     model_type: ClassVar[str] = "wan-vae"
-    base_dim: int = 160
-    decoder_base_dim: int = 256
-    z_dim: int = 48
-    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
-    num_res_blocks: int = 2
-    temporal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
-    patch_size: int = 2
-    image_channels: int = 3
-    latents_mean: list[float] = field(default_factory=lambda: list(WAN22_LATENTS_MEAN))
-    latents_std: list[float] = field(default_factory=lambda: list(WAN22_LATENTS_STD))
-    temporal_scale: float = 0.6
+    max_parameters: ClassVar[int] = MAX_WAN_PARAMETERS
+
+    base_dim: int = bounded(160, min=1, max=MAX_WAN_WIDTH)
+    decoder_base_dim: int = bounded(256, min=1, max=MAX_WAN_WIDTH)
+    z_dim: int = bounded(48, min=1, max=1024)
+    dim_mult: list[int] = bounded(default_factory=lambda: [1, 2, 4, 4], min=1, max=64, length=(1, 8))
+    num_res_blocks: int = bounded(2, min=1, max=32)
+    temporal_downsample: list[bool] = bounded(default_factory=lambda: [False, True, True], length=(0, 7))
+    patch_size: int = bounded(2, min=1, max=16)
+    image_channels: int = bounded(3, min=1, max=64)
+    latents_mean: list[float] = bounded(default_factory=lambda: list(WAN22_LATENTS_MEAN), min=-1000, max=1000)
+    # the flow latent is (mu - mean) / std: a std of 0 would divide by zero
+    latents_std: list[float] = bounded(default_factory=lambda: list(WAN22_LATENTS_STD), above=0, max=1000)
+    temporal_scale: float = bounded(0.6, above=0, max=10)
 
     def validate(self) -> None:
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -77,6 +85,30 @@ class WanVAEConfig(Config):
         for name in ("latents_mean", "latents_std"):
             if len(getattr(self, name)) != self.z_dim:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values, expected z_dim = {self.z_dim}")
+
+    def parameter_count(self) -> int:
+        """Weights of ``WanVAE(self)``, module by module as ``Encoder`` / ``Decoder`` build them."""
+        conv3 = lambda i, o, taps=27: taps * i * o + o  # noqa: E731
+        linear = lambda i, o: i * o + o  # noqa: E731
+        resnet = lambda i, o: i + conv3(i, o) + o + conv3(o, o) + (linear(i, o) if i != o else 0)  # noqa: E731
+        mid = lambda d: 2 * resnet(d, d) + d + linear(d, 3 * d) + linear(d, d)  # noqa: E731
+        n, blocks, pixels = len(self.dim_mult), self.num_res_blocks, self.image_channels * self.patch_size**2
+
+        dims = [self.base_dim * m for m in (1, *self.dim_mult)]
+        total = conv3(pixels, dims[0]) + mid(dims[-1]) + dims[-1] + conv3(dims[-1], 2 * self.z_dim)
+        for i, d in enumerate(dims[1:]):
+            total += resnet(dims[i], d) + (blocks - 1) * resnet(d, d)
+            if i < n - 1:  # Downsample: a 3x3 conv, and a (3, 1, 1) time conv where the stage halves time
+                total += conv3(d, d, 9) + conv3(d, d, 3) * self.temporal_downsample[i]
+
+        dims = [self.decoder_base_dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+        total += conv3(self.z_dim, dims[0]) + mid(dims[0]) + dims[-1] + conv3(dims[-1], pixels)
+        for i, d in enumerate(dims[1:]):
+            total += resnet(dims[i], d) + blocks * resnet(d, d)
+            if i < n - 1:  # Upsample: a 3x3 conv, and a (3, 1, 1) time conv to twice the channels
+                total += conv3(d, d, 9) + conv3(d, 2 * d, 3) * self.temporal_downsample[::-1][i]
+
+        return total + linear(2 * self.z_dim, 2 * self.z_dim) + linear(self.z_dim, self.z_dim)
 
     @property
     def spatial_factor(self) -> int:

@@ -7,6 +7,8 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
   and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
   when it holds a source.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
+- ``shard_files``: the shard files a ``*.index.json`` names (ours or a checkpoint's), each a plain file name inside
+  the index's folder; used by ``read_model_folder`` and every converter that reads a sharded checkpoint.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
   between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
   ``t5.HF_NAMES``, ...).
@@ -33,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError
+from .config import MAX_INDEX_BYTES, read_json_object, shown
 
 log = logging.getLogger(__name__)
 
@@ -463,9 +466,51 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME}; is this a converted starflow-mlx model folder?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[Path]:
+    """The shard files a ``*.index.json`` names (for the weights ``keep`` accepts, default all), in its folder.
+
+    The index comes with the checkpoint, so its names are untrusted: ``weight_map`` must map names to names, and
+    each shard must be a plain file name (no separator, ``..``, NUL or absolute path) with the suffix the index
+    name announces (``model.safetensors.index.json``: ``.safetensors``), an existing file that is still inside the
+    folder once symlinks are resolved. The one exception is the Hugging Face cache, whose ``snapshots/<revision>/``
+    files are links into the sibling ``blobs/`` folder.
+    """
+    index = Path(index)
+    try:
+        weight_map = read_json_object(index, MAX_INDEX_BYTES).get("weight_map")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map must be a non-empty mapping of weight names to shard files")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad:
+        raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] must be a shard file name, got {shown(bad[1])}")
+    names = sorted({name for key, name in weight_map.items() if keep is None or keep(key)})
+    suffix = Path(index.name.removesuffix(".index.json")).suffix
+    return [_shard_path(index, name, suffix) for name in names]
+
+
+def _shard_path(index: Path, name: str, suffix: str) -> Path:
+    folder = index.parent
+    plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
+    if not plain or not name.endswith(suffix):
+        raise CheckpointError(
+            f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
+        )
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"{index}: names the shard {name}, which is missing")
+    real, allowed = path.resolve(), [folder.resolve()]
+    if allowed[0].parent.name == "snapshots":  # a Hugging Face cache snapshot: links into ../../blobs
+        allowed.append(allowed[0].parent.parent / "blobs")
+    if real.parent not in allowed:
+        raise CheckpointError(f"{index}: shard {name} links to {real}, outside the folder {folder}")
+    return path
 
 
 def read_model_folder(folder: str | os.PathLike) -> dict[str, mx.array]:
@@ -473,16 +518,13 @@ def read_model_folder(folder: str | os.PathLike) -> dict[str, mx.array]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = shard_files(index)
     else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no safetensors weights found")
     weights = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: the index names {name}, which is missing")
+    for path in files:
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:

@@ -78,7 +78,7 @@ def test_shape_mismatch_names_both_shapes(tiny_video, tmp_path):
         ("arguments:\n- img_size: [4\n", "invalid YAML"),
         ("arguments:\n- img_size: 4\n- channel_size: 6\n", "missing required field"),
         ("arguments:\n- img_size: 4\n- channel_size: x\n- channels: 64\n- layers_per_block: 1\n- txt_size: 5\n"
-         "- rope: 1\n- sos: 1\n- text: tiny-16\n", "channel_size='x'"),
+         "- rope: 1\n- sos: 1\n- text: tiny-16\n", r"channel_size must be an integer in \[1, 1024\], got 'x'"),
         ("arguments:\n- img_size: 4\n- channel_size: 6\n- channels: 64\n- layers_per_block: 1\n- txt_size: 5\n"
          "- rope: 1\n- sos: 1\n- use_swiglu: 1\n- text: tiny-16\n", "use_swiglu=1 is not supported"),
         ("just a string\n", "not an official STARFlow config"),

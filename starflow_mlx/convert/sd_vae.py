@@ -15,7 +15,6 @@ prefixes of STARFlow's fine-tuned VAE checkpoints); old-style attention weights 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from ..sd_vae import ALIASES, SDVAE, SDVAEConfig
 from ..checkpoint import CheckpointError, read_state_dict
+from ..config import read_json_object
 from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
@@ -39,8 +39,9 @@ WEIGHT_NAMES = (
 log = logging.getLogger(__name__)
 
 
-def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, dict | None]:
-    """The weights file and the diffusers config (None when it must be inferred from the shapes)."""
+def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, SDVAEConfig | None]:
+    """The weights file and the architecture from the diffusers config (None when it must be inferred from the
+    shapes), checked before any weight is read."""
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     if src.is_dir():
@@ -60,12 +61,18 @@ def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, d
             config = folder / "config.json"
     else:
         weights = src
-    if config is None or isinstance(config, dict):
-        return weights, config
+    if config is None:
+        return weights, None
+    if isinstance(config, dict):
+        return weights, _architecture(config, src)
+    return weights, _architecture(read_json_object(config), config)
+
+
+def _architecture(diffusers_config: dict, source) -> SDVAEConfig:
     try:
-        return weights, json.loads(Path(config).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config}: cannot read the VAE config: {e}") from None
+        return SDVAEConfig.from_diffusers(diffusers_config)
+    except ValueError as e:
+        raise ValueError(f"{source}: unsupported VAE config: {e}") from None
 
 
 def _squeeze_attention(state: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -127,14 +134,10 @@ def convert_sd_vae(
     named = [src] + ([config] if isinstance(config, (str, os.PathLike)) else [])
     out_dir = check_output(out_dir, dtype, overwrite, named)
     src = Path(src)
-    weights_path, diffusers_cfg = _locate(src, config)
+    weights_path, cfg = _locate(src, config)
     state = _squeeze_attention(ALIASES.rename(read_state_dict(weights_path), weights_path))
-    if diffusers_cfg is None:
-        diffusers_cfg = _infer_config(state, weights_path)
-    try:
-        cfg = SDVAEConfig.from_diffusers(diffusers_cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{src}: unsupported VAE config: {e}") from None
+    if cfg is None:
+        cfg = _architecture(_infer_config(state, weights_path), weights_path)
 
     model = SDVAE(cfg)
     expected = {k: _torch_shape(v.shape) for k, v in tree_flatten(model.parameters())}

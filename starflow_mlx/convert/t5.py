@@ -15,15 +15,15 @@ keep their [out, in] layout. The tokenizer (``spiece.model``, and ``tokenizer.js
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..config import check_value, read_json_object, shown
 from ..t5 import HF_NAMES, T5Config, T5Encoder
 from ..checkpoint import CheckpointError, read_state_dict
-from ..weights import check_state_dict
+from ..weights import check_state_dict, shard_files
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
@@ -53,23 +53,21 @@ def read_hf_config(src: Path) -> tuple[T5Config, dict]:
     path = src / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json; expected a Hugging Face T5 model folder")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+    hf = read_json_object(path)
     model_type = hf.get("model_type", "t5")
     if model_type == "umt5":
         raise CheckpointError(f"{path}: model_type 'umt5' has a relative bias per layer; only T5 / mT5 are supported")
     if model_type not in ("t5", "mt5"):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a T5 model (expected 't5' or 'mt5')")
+        raise CheckpointError(f"{path}: model_type {shown(model_type)} is not a T5 model (expected 't5' or 'mt5')")
     missing = [k for k in _HF_REQUIRED if k not in hf]
     if missing:
         raise CheckpointError(f"{path}: missing T5 config field(s) {', '.join(missing)}")
+    check_value(hf.get("_name_or_path", ""), str, f"{path}: _name_or_path")  # recorded in our config.json
     fields = {k: hf[k] for k in _HF_REQUIRED}
     fields.update({k: hf.get(k, default) for k, default in _HF_OPTIONAL.items()})
     try:
         config = T5Config(**fields)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return config, hf
 
@@ -82,14 +80,10 @@ def _weight_files(src: Path) -> list[Path]:
     ):
         index = src / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index: {e}") from None
-            needed = sorted({name for key, name in weight_map.items() if not _ignored(key)})
-            if not needed:
+            files = shard_files(index, keep=lambda key: not _ignored(key))
+            if not files:
                 raise CheckpointError(f"{index}: lists no encoder weights")
-            return [src / name for name in needed]
+            return files
         if (src / single).is_file():
             return [src / single]
     raise CheckpointError(
@@ -120,10 +114,9 @@ def _tokenizer_files(src: Path, config: T5Config) -> tuple[dict[str, bytes], int
     files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
     extra_ids = 100
     if "tokenizer_config.json" in files:
-        try:
-            extra_ids = int(json.loads(files["tokenizer_config.json"]).get("extra_ids", 100))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{src / 'tokenizer_config.json'}: unreadable: {e}") from None
+        where = src / "tokenizer_config.json"
+        extra_ids = read_json_object(where).get("extra_ids", extra_ids)
+        check_value(extra_ids, int, f"{where}: extra_ids", {"min": 0, "max": config.vocab_size})
     import sentencepiece as spm
 
     try:
@@ -152,13 +145,11 @@ def convert_t5(
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
     config, hf = read_hf_config(src)
+    files = _weight_files(src)
     tokenizer_files, extra_ids = _tokenizer_files(src, config)
 
-    files = _weight_files(src)
     state: dict[str, mx.array] = {}
     for path in files:
-        if not path.is_file():
-            raise CheckpointError(f"{src}: the shard index names {path.name}, which is missing")
         for key, value in read_state_dict(path).items():
             if not _ignored(key):
                 state[key] = value

@@ -16,7 +16,6 @@ temporal scale and the source's sha256.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,7 +32,8 @@ from ..wan_vae import (
     original_names,
 )
 from ..checkpoint import CheckpointError, read_state_dict
-from ..weights import check_state_dict
+from ..config import check_value, read_json_object, shown
+from ..weights import check_state_dict, shard_files
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
@@ -99,15 +99,18 @@ def _config_from_original(sd: dict, src, latents_mean, latents_std, arch: dict) 
             f"{src}: z_dim is {z}, not Wan2.2's 48, so the built-in latent mean/std do not apply; pass latents_mean "
             "and latents_std"
         )
-    return WanVAEConfig(
-        base_dim=conv_in.shape[0],
-        decoder_base_dim=head.shape[1],
-        z_dim=z,
-        image_channels=conv_in.shape[1] // (patch * patch),
-        latents_mean=list(latents_mean if latents_mean is not None else WAN22_LATENTS_MEAN),
-        latents_std=list(latents_std if latents_std is not None else WAN22_LATENTS_STD),
-        **arch,
-    )
+    try:
+        return WanVAEConfig(
+            base_dim=conv_in.shape[0],
+            decoder_base_dim=head.shape[1],
+            z_dim=z,
+            image_channels=conv_in.shape[1] // (patch * patch),
+            latents_mean=latents_mean if latents_mean is not None else WAN22_LATENTS_MEAN,
+            latents_std=latents_std if latents_std is not None else WAN22_LATENTS_STD,
+            **arch,
+        )
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
 
 
 def _diffusers_files(src: Path) -> tuple[Path, list[Path]]:
@@ -118,55 +121,51 @@ def _diffusers_files(src: Path) -> tuple[Path, list[Path]]:
         raise CheckpointError(f"{src}: no config.json; expected a diffusers AutoencoderKLWan folder or a .pth file")
     index = src / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index: {e}") from None
-        files = [src / n for n in names]
-    else:
-        files = [src / "diffusion_pytorch_model.safetensors"]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{src}: missing weights file {f.name}")
-    return config, files
+        return config, shard_files(index)
+    single = src / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{src}: missing weights file {single.name}")
+    return config, [single]
 
 
-def _config_from_diffusers(path: Path, latents_mean, latents_std) -> WanVAEConfig:
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
+def _config_from_diffusers(path: Path, latents_mean, latents_std, temporal_scale: float) -> WanVAEConfig:
+    d = read_json_object(path)
     if d.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-        raise ValueError(f"{path}: _class_name is {d.get('_class_name')!r}, expected 'AutoencoderKLWan'")
-    if not d.get("is_residual", False):
-        raise ValueError(f"{path}: is_residual is false: that is the Wan2.1 VAE, not Wan2.2's")
+        raise ValueError(f"{path}: _class_name is {shown(d.get('_class_name'))}, expected 'AutoencoderKLWan'")
+    if d.get("is_residual", False) is not True:
+        raise ValueError(f"{path}: is_residual is not true: that is the Wan2.1 VAE, not Wan2.2's")
     if d.get("attn_scales"):
-        raise ValueError(f"{path}: attn_scales {d['attn_scales']} is not supported (Wan2.2 has none)")
-    patch = d.get("patch_size") or 1
-    in_ch, out_ch = d.get("in_channels", 3), d.get("out_channels", 3)
+        raise ValueError(f"{path}: attn_scales {shown(d['attn_scales'])} is not supported (Wan2.2 has none)")
+    # checked before the arithmetic below; the other fields are checked by WanVAEConfig
+    patch = WanVAEConfig.check_field("patch_size", d.get("patch_size") or 1, f"{path}: patch_size")
+    in_ch = check_value(d.get("in_channels", 3), int, f"{path}: in_channels", {"min": 1})
+    out_ch = check_value(d.get("out_channels", 3), int, f"{path}: out_channels", {"min": 1})
     if in_ch != out_ch or in_ch % (patch * patch):
         raise ValueError(
             f"{path}: in_channels {in_ch} / out_channels {out_ch} do not match patch_size {patch} "
             "(expected equal counts, a multiple of patch_size²)"
         )
-    z = d.get("z_dim", 16)
     mean = latents_mean if latents_mean is not None else d.get("latents_mean")
     std = latents_std if latents_std is not None else d.get("latents_std")
     if mean is None or std is None:
         mean, std = WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
     base = d.get("base_dim", 96)
-    return WanVAEConfig(
-        base_dim=base,
-        decoder_base_dim=d.get("decoder_base_dim") or base,
-        z_dim=z,
-        dim_mult=d.get("dim_mult", [1, 2, 4, 4]),
-        num_res_blocks=d.get("num_res_blocks", 2),
-        temporal_downsample=d.get("temperal_downsample", [False, True, True]),
-        patch_size=patch,
-        image_channels=in_ch // (patch * patch),
-        latents_mean=list(mean),
-        latents_std=list(std),
-    )
+    try:
+        return WanVAEConfig(
+            base_dim=base,
+            decoder_base_dim=d.get("decoder_base_dim") or base,
+            z_dim=d.get("z_dim", 16),
+            dim_mult=d.get("dim_mult", [1, 2, 4, 4]),
+            num_res_blocks=d.get("num_res_blocks", 2),
+            temporal_downsample=d.get("temperal_downsample", [False, True, True]),
+            patch_size=patch,
+            image_channels=in_ch // (patch * patch),
+            latents_mean=mean,
+            latents_std=std,
+            temporal_scale=temporal_scale,
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +195,7 @@ def convert_wan_vae(
     src = Path(src)
     if src.is_dir():
         config_path, files = _diffusers_files(src)
-        cfg = _config_from_diffusers(config_path, latents_mean, latents_std)
+        cfg = _config_from_diffusers(config_path, latents_mean, latents_std, temporal_scale)
         sd = {}
         for f in files:
             sd.update(read_state_dict(f))
@@ -204,13 +203,13 @@ def convert_wan_vae(
         sources = files
     elif src.is_file():
         sd = read_state_dict(src)
-        arch = dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal_downsample)
+        arch = dict(dim_mult=dim_mult, num_res_blocks=num_res_blocks, temporal_downsample=temporal_downsample,
+                    temporal_scale=temporal_scale)
         cfg = _config_from_original(sd, src, latents_mean, latents_std, arch)
         source_format, names = "wan", original_names(cfg.num_res_blocks).then(DIFFUSERS_NAMES)
         sources = [src]
     else:
         raise CheckpointError(f"{src}: no such file or folder")
-    cfg.temporal_scale = float(temporal_scale)
 
     # Our parameter shapes (the model is built lazily: nothing is allocated), mapped back to source names/shapes.
     model = WanVAE(cfg)
