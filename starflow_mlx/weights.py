@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_safetensors
 
 SHARD_BYTES = 5 << 30
 INDEX_NAME = "model.safetensors.index.json"
@@ -212,10 +212,7 @@ def read_model_folder(folder: str | os.PathLike) -> dict[str, mx.array]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{folder}: the index names {name}, which is missing")
-        try:
-            weights.update(mx.load(str(path)))
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+        weights.update(read_safetensors(path))
     return weights
 
 
