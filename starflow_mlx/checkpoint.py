@@ -53,9 +53,9 @@ class UnsafeCheckpointError(CheckpointError):
     """The pickle inside a checkpoint references code other than tensor rebuilding."""
 
 
-# A legitimate pickle spends about 60 opcodes per tensor, so this allows some 140,000 tensors; each opcode creates
-# at most one small object, which bounds the memory a crafted pickle can cost to a few hundred MB.
-_MAX_PICKLE_OPS = 1 << 23
+# torch.save spends 32 opcodes per tensor of a state dict, so this allows some 130,000 tensors; each opcode creates
+# at most one small object, which bounds the memory a crafted pickle can cost to about 300 MB.
+_MAX_PICKLE_OPS = 1 << 22
 _MAX_ZIP_ENTRIES = 1 << 20
 _MAX_NDIM = 32
 # Distinct views of the file's storages may materialise this many times the tensor bytes it holds, plus the slack
@@ -286,7 +286,7 @@ class _Unpickler:
 
     def _refuse_opcode(self, code: bytes):
         op = pickletools.code2op.get(code.decode("latin-1"))
-        where = f"opcode {op.name if op else code!r} at byte {self.file.tell() - 1}"
+        where = f"opcode {op.name if op else repr(code)} at byte {self.file.tell() - 1}"
         if code in _CODE_OPCODES:
             raise UnsafeCheckpointError(
                 f"{self.archive.path}: refusing to load: its pickle uses {where}, which builds objects of named "
