@@ -64,6 +64,9 @@ _VIEW_BYTES_FACTOR = 4
 _VIEW_BYTES_SLACK = 16 << 20
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the limit of the safetensors library itself
 _CRC_CHUNK = 16 << 20
+# Zip flag bits that change nothing for a stored entry: compression options (1, 2), sizes in a data descriptor (3,
+# as torch.save writes), UTF-8 names (11). The others are encryption and patched data.
+_ZIP_FLAGS = 0x080E
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,7 +146,8 @@ class _TensorRecord:
     metadata: Any = None
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+# The rebuild functions take the arguments torch's do, so that a call torch would refuse is refused here too.
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
     return _TensorRecord(storage, offset, size, stride, None, metadata)
 
 
@@ -155,7 +159,11 @@ def _rebuild_tensor(storage, offset, size, stride):
     return _TensorRecord(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     return data
 
 
@@ -207,7 +215,7 @@ _CALLABLE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("collections", "OrderedDict"): _ordered_dict,
     ("torch", "Size"): _size,
     ("torch", "device"): _device,
@@ -574,8 +582,9 @@ class _TorchArchive:
 
     def _entry(self, info: zipfile.ZipInfo, file_size: int) -> _Entry:
         name = info.filename
-        if info.flag_bits & 0x1:
-            raise self._error(f"zip entry {name!r} is encrypted")
+        if info.flag_bits & ~_ZIP_FLAGS:
+            raise self._error(f"zip entry {name!r} has flags {info.flag_bits:#06x}: encrypted or patched data, "
+                              "which torch.save never writes")
         if info.compress_type != zipfile.ZIP_STORED:
             raise self._error(
                 f"zip entry {name!r} is compressed (method {info.compress_type}); torch.save stores entries "
