@@ -58,6 +58,7 @@ class UnsafeCheckpointError(CheckpointError):
 _MAX_PICKLE_OPS = 1 << 22
 _MAX_ZIP_ENTRIES = 1 << 20
 _MAX_NDIM = 32
+_MAX_DIM = 2**31 - 1  # MLX shapes are 32-bit
 # Distinct views of the file's storages may materialise this many times the tensor bytes it holds, plus the slack
 # (small expanded buffers); beyond that a tiny file could claim gigabytes through stride-0 or overlapping views.
 _VIEW_BYTES_FACTOR = 4
@@ -112,6 +113,9 @@ _OTHER_DTYPES = {
     "quint2x4", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
     "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
 }
+# The only dict keys and set items a pickle may hash (and may show in errors): scalars, and shallow tuples of them.
+_KEY_TYPES = (str, int, float, bool, bytes, type(None))
+_MAX_KEY_DEPTH = 8
 _NOT_A_WEIGHT = "which is not a weight dtype (float32, float16, bfloat16, float64, or an integer or bool buffer)"
 
 
@@ -209,6 +213,9 @@ def _complex(real=0.0, imag=0.0):
     return complex(real, imag)
 
 
+# ``builtins.set``: called by the unpickler itself, which checks the items before hashing them.
+_SET = object()
+
 # (module, name) as a protocol-2 pickle spells it -> what the name stands for here. Only these are ever called.
 _CALLABLE_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -231,7 +238,7 @@ def _allowed_global(module: str, name: str):
     """What a GLOBAL stands for, or None when a weights-only checkpoint has no use for it."""
     module = "builtins" if module == "__builtin__" else module  # protocol 2 spells builtins the Python 2 way
     if (module, name) == ("builtins", "set"):
-        return _SET  # resolved by the unpickler, which checks the items before hashing them
+        return _SET
     if (module, name) in _CALLABLE_GLOBALS:
         return _CALLABLE_GLOBALS[(module, name)]
     if module in ("torch", "torch.storage") and (name in _WEIGHT_STORAGES or name in _OTHER_STORAGES):
@@ -241,12 +248,12 @@ def _allowed_global(module: str, name: str):
     return None
 
 
-_SET = object()
-
 
 def _describe(value) -> str:
     """A value from the pickle for an error message: scalars and flat sequences of them in full, anything else
     (which could be nested deeper than repr can go) by its type."""
+    if type(value) in (str, bytes):
+        return repr(value[:60])
     if type(value) in _KEY_TYPES:
         return f"{value!r:.60}"
     if type(value) in (tuple, list) and len(value) <= _MAX_NDIM and all(type(v) in _KEY_TYPES for v in value):
@@ -261,8 +268,6 @@ def _describe(value) -> str:
 # Opcodes that build objects of classes the pickle names: never needed, refused as code.
 _CODE_OPCODES = {pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.STACK_GLOBAL, pickle.EXT1,
                  pickle.EXT2, pickle.EXT4}
-_KEY_TYPES = (str, int, float, bool, bytes, type(None))
-_MAX_KEY_DEPTH = 8
 
 
 class _Unpickler:
@@ -559,15 +564,15 @@ class _TorchArchive:
     def _read_directory(self) -> dict[str, _Entry]:
         file_size = os.fstat(self.file.fileno()).st_size
         unreadable = "not a readable PyTorch zip checkpoint (truncated, corrupt, or the legacy pre-1.6 format)"
-        end_record = zipfile._EndRecData(self.file)  # read before the directory: it says how large that is
-        if end_record is None:
-            raise self._error(unreadable)
-        if end_record[zipfile._ECD_ENTRIES_TOTAL] > _MAX_ZIP_ENTRIES:
-            raise self._error(
-                f"its zip directory declares {end_record[zipfile._ECD_ENTRIES_TOTAL]} entries, more than the "
-                f"{_MAX_ZIP_ENTRIES} any checkpoint needs"
-            )
         try:
+            end_record = zipfile._EndRecData(self.file)  # read before the directory: it says how large that is
+            if end_record is None:
+                raise self._error(unreadable)
+            if end_record[zipfile._ECD_ENTRIES_TOTAL] > _MAX_ZIP_ENTRIES:
+                raise self._error(
+                    f"its zip directory declares {end_record[zipfile._ECD_ENTRIES_TOTAL]} entries, more than the "
+                    f"{_MAX_ZIP_ENTRIES} any checkpoint needs"
+                )
             infos = zipfile.ZipFile(self.file).infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
                 NotImplementedError, OverflowError) as e:
@@ -761,6 +766,8 @@ def _checked_view(record: _TensorRecord, storage_numel: int) -> tuple[int, tuple
         if type(dims) is not tuple or len(dims) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in dims):
             raise _BadView(f"its {name} {_describe(dims)} is not a tuple of at most {_MAX_NDIM} non-negative "
                            "integers")
+    if any(n > _MAX_DIM for n in size):
+        raise _BadView(f"its size {list(size)} has a dimension over {_MAX_DIM}, the most an MLX array holds")
     if len(size) != len(stride):
         raise _BadView(f"its size {list(size)} and stride {list(stride)} differ in length")
     if math.prod(size) == 0:
@@ -840,8 +847,9 @@ def _safetensors_span(key: str, record, fail) -> tuple[int, int]:
     dtype, shape, offsets = record["dtype"], record["shape"], record["data_offsets"]
     if dtype not in _SAFETENSORS_DTYPES:
         fail(f"tensor {key!r} has dtype {_describe(dtype)}, {_NOT_A_WEIGHT}")
-    if type(shape) is not list or len(shape) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
-        fail(f"tensor {key!r} has shape {_describe(shape)}, not a list of at most {_MAX_NDIM} non-negative integers")
+    if type(shape) is not list or len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
+        fail(f"tensor {key!r} has shape {_describe(shape)}, not a list of at most {_MAX_NDIM} integers in "
+             f"[0, {_MAX_DIM}]")
     if type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
             or not 0 <= offsets[0] <= offsets[1]:
         fail(f"tensor {key!r} has data_offsets {_describe(offsets)}, not [begin, end] with 0 <= begin <= end")
@@ -877,21 +885,12 @@ def _state_dict(obj, path: Path, tensor: Callable[[str, Any], mx.array]) -> dict
     return out
 
 
-def _loaded_array(path: Path):
-    def check(key: str, value) -> mx.array:
-        if not isinstance(value, mx.array):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        return value
-
-    return check
-
-
 def read_state_dict(path: str | os.PathLike) -> dict[str, mx.array]:
     """All tensors of a checkpoint file, by name, as MLX arrays in their stored dtype (float64 becomes float32)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        return _state_dict(read_safetensors(path), path, _loaded_array(path))
+        return _state_dict(read_safetensors(path), path, lambda key, array: array)
     with _TorchArchive(path) as archive:
         return _state_dict(archive.load(), path, archive.tensor)

@@ -262,6 +262,8 @@ RECORD_CASES = [
          ("is not a tuple of at most 32 non-negative integers",)),
     Case("size_stride_lengths", lambda d: tensor_file(d / "c.pth", size=(2, 2), stride=(1,)),
          ("its size [2, 2] and stride [1] differ in length",)),
+    Case("dimension_over_mlx_limit", lambda d: tensor_file(d / "c.pth", size=(2**31, 0), stride=(1, 1)),
+         (f"its size [{2**31}, 0] has a dimension over {2**31 - 1}, the most an MLX array holds",)),
     Case("huge_offset", lambda d: tensor_file(d / "c.pth", offset=2**63, size=(1,)),
          (f"reaches element {2**63}, outside its storage of 4 elements",)),
     Case("huge_stride", lambda d: tensor_file(d / "c.pth", size=(2,), stride=(2**62,)),
@@ -365,6 +367,14 @@ def renamed_local_header(folder: Path) -> Path:
     return path
 
 
+def multi_disk(folder: Path) -> Path:
+    """torch.save's zip64 end records, with the locator claiming the archive spans three disks."""
+    path = torch_zip(folder / "c.pth", {"w": torch.ones(2)})
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, data.rfind(b"PK\x06\x07") + 16, 3)
+    return written(path, bytes(data))
+
+
 def many_entries(folder: Path) -> Path:
     return write_zip(folder / "c.pth", state_pickle({"w": op_tensor()}),
                      extra=[(f"archive/extra/{i}", b"") for i in range(8)])
@@ -413,6 +423,7 @@ ZIP_CASES = [
     Case("legacy_pickle_file", lambda d: torch.save({"w": torch.ones(2)}, d / "c.pth",
                                                     _use_new_zipfile_serialization=False) or d / "c.pth",
          ("not a readable PyTorch zip checkpoint",)),
+    Case("multi_disk_zip64", multi_disk, ("not a readable PyTorch zip checkpoint", "span multiple disks")),
     Case("too_many_entries", many_entries, ("its zip directory declares 12 entries, more than the 10",)),
 ]
 
@@ -582,8 +593,10 @@ SAFETENSORS_CASES = [
     st_case("float8_dtype", "tensor 'w' has dtype 'F8_E4M3', which is not a weight dtype",
             header=one_tensor("F8_E4M3", (16,))),
     st_case("float64_dtype", "tensor 'w' has dtype 'F64'", header=one_tensor("F64", (2,))),
-    st_case("negative_shape", "tensor 'w' has shape [-4], not a list of at most 32 non-negative integers",
+    st_case("negative_shape", f"tensor 'w' has shape [-4], not a list of at most 32 integers in [0, {2**31 - 1}]",
             header=one_tensor(shape=(-4,))),
+    st_case("dimension_over_mlx_limit", f"tensor 'w' has shape [{2**31}, 0]", header=one_tensor(
+        shape=(2**31, 0), offsets=(0, 0)), data=b""),
     st_case("float_shape", "tensor 'w' has shape [4.0]", header=one_tensor(shape=(4.0,))),
     st_case("bool_shape", "tensor 'w' has shape [True, 4]", header=one_tensor(shape=(True, 4))),
     st_case("too_many_dims", "tensor 'w' has shape a list", header=one_tensor(shape=(1,) * 33)),
@@ -592,8 +605,8 @@ SAFETENSORS_CASES = [
     st_case("offsets_not_a_pair", "has data_offsets [0, 16, 32]", header=one_tensor(offsets=(0, 16, 32))),
     st_case("size_mismatch", "tensor 'w' spans 16 bytes, but F32 of shape [5] needs 20",
             header=one_tensor(shape=(5,))),
-    st_case("shape_overflow", "tensor 'w' spans 0 bytes, but F32 of shape [2147483648, 2147483648, 4] needs",
-            header=one_tensor(shape=(1 << 31, 1 << 31, 4), offsets=(0, 0)), data=b""),
+    st_case("shape_overflow", "tensor 'w' spans 0 bytes, but F32 of shape [2147483647, 2147483647, 4] needs",
+            header=one_tensor(shape=((1 << 31) - 1, (1 << 31) - 1, 4), offsets=(0, 0)), data=b""),
     st_case("offsets_past_data", "its tensors end at byte 32, but its data section holds 16 bytes",
             header=one_tensor(shape=(8,), offsets=(0, 32))),
     st_case("overlap", "tensor 'w' starts at byte 0 of the data, expected 16",
