@@ -15,7 +15,8 @@ not needed. The promise is that of safetensors and ``torch.load(weights_only=Tru
   offset, sizes and strides, the lowest and highest element of the view inside the storage, and the storage's
   zip entry exactly as large as its record declares. Only the byte range a view needs is read.
 - Zip entries must be stored (``torch.save`` never compresses; a compressed entry could inflate to any size),
-  inside the file, not overlapping, uniquely named, with a matching CRC-32 for what is read in full.
+  unencrypted, inside the file, not overlapping, uniquely named, at most ``_MAX_ZIP_ENTRIES`` of them, and every
+  entry read must match its CRC-32.
 - Views may overlap (``torch.save`` writes ``expand``-ed tensors with stride 0 and ``unfold``-ed ones with
   overlapping strides), but all the distinct views materialised from one file may not exceed
   ``_VIEW_BYTES_FACTOR`` times the tensor bytes it holds (plus ``_VIEW_BYTES_SLACK``); identical views (tied
