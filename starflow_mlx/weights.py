@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_safetensors
 from .config import MAX_INDEX_BYTES, read_json_object, shown
 
 log = logging.getLogger(__name__)
@@ -525,10 +525,7 @@ def read_model_folder(folder: str | os.PathLike) -> dict[str, mx.array]:
         raise CheckpointError(f"{folder}: no safetensors weights found")
     weights = {}
     for path in files:
-        try:
-            weights.update(mx.load(str(path)))
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+        weights.update(read_safetensors(path))
     return weights
 
 
