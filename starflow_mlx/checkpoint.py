@@ -890,7 +890,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, mx.array]:
     """All tensors of a checkpoint file, by name, as MLX arrays in their stored dtype (float64 becomes float32)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        problem = "is a folder, expected a checkpoint file" if path.is_dir() else (
+            "not a regular file" if path.exists() else "no such file")
+        raise CheckpointError(f"{path}: {problem}")
     if path.suffix == ".safetensors":
         return _state_dict(read_safetensors(path), path, lambda key, array: array)
     with _TorchArchive(path) as archive:

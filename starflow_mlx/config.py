@@ -39,6 +39,8 @@ FOLDER_KEYS = ("model_type", "dtype", "quantization", "source", "converter_versi
 MAX_YAML_BYTES = 64 << 10
 MAX_JSON_BYTES = 1 << 20
 MAX_INDEX_BYTES = 4 << 20
+# Tokenizer files: flan-T5's spiece.model is 0.8 MB and its tokenizer.json 2.4 MB.
+MAX_TOKENIZER_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32  # the configs we read nest 3 levels at most
 MAX_YAML_DEPTH = 16
 
@@ -344,8 +346,8 @@ def check_folder_keys(d: dict, source: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> str:
-    """The UTF-8 text of a regular file of at most ``max_bytes``; every problem is a one-line ``ValueError``."""
+def read_file_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; every problem is a one-line ``ValueError``."""
     path = Path(path)
     try:
         exists, is_dir, is_file = path.exists(), path.is_dir(), path.is_file()
@@ -359,6 +361,12 @@ def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> 
         raise ValueError(f"{path}: {problem}")
     if len(data) > max_bytes:
         raise ValueError(f"{path}: larger than the {max_bytes:,}-byte limit for this kind of file")
+    return data
+
+
+def read_text_file(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``max_bytes``; every problem is a one-line ``ValueError``."""
+    data = read_file_bytes(path, max_bytes)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

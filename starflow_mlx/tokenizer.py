@@ -21,7 +21,6 @@ Padding and truncation follow the Hugging Face rules: at most ``max_length - 1``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
+
+from .config import MAX_TOKENIZER_BYTES, check_value, read_file_bytes, read_json_object
 
 SPACE_PIECE = "\u2581"  # ▁, SentencePiece's whitespace marker
 MODES = ("official", "sentencepiece")
@@ -42,7 +43,7 @@ class T5Tokenizer:
 
         if mode not in MODES:
             raise ValueError(f"unknown tokenizer mode {mode!r}; choose one of {', '.join(MODES)}")
-        proto = spiece if isinstance(spiece, bytes) else Path(spiece).read_bytes()
+        proto = spiece if isinstance(spiece, bytes) else read_file_bytes(spiece, MAX_TOKENIZER_BYTES)
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:
@@ -84,15 +85,16 @@ class T5Tokenizer:
         folder = Path(folder)
         spiece = folder / "spiece.model"
         if not spiece.is_file():
-            raise FileNotFoundError(f"{folder}: no spiece.model")
-        extra_ids = 100
+            raise ValueError(f"{folder}: no spiece.model (the SentencePiece model of the T5 tokenizer)")
+        extra_ids, where = 100, None
         config = folder / "config.json"
         hf_config = folder / "tokenizer_config.json"
-        if config.is_file() and "tokenizer" in (data := json.loads(config.read_text())):
-            extra_ids = int(data["tokenizer"].get("extra_ids", extra_ids))
+        if config.is_file() and isinstance(block := read_json_object(config).get("tokenizer"), dict):
+            extra_ids, where = block.get("extra_ids", extra_ids), config
         elif hf_config.is_file():
-            extra_ids = int(json.loads(hf_config.read_text()).get("extra_ids", extra_ids))
-        return cls(spiece, extra_ids=extra_ids, mode=mode)
+            extra_ids, where = read_json_object(hf_config).get("extra_ids", extra_ids), hf_config
+        check_value(extra_ids, int, f"{where}: extra_ids", {"min": 0, "max": 1 << 16})
+        return cls(read_file_bytes(spiece, MAX_TOKENIZER_BYTES), extra_ids=extra_ids, mode=mode)
 
     def _encode_plain(self, text: str) -> list[int]:
         ids = self.sp.encode(text)

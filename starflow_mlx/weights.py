@@ -47,8 +47,6 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MODEL_TYPES = ("flow", "t5", "wan-vae", "sd-vae", "pipeline")
 # Written into folders by macOS Finder: not the user's data, so it does not stop a model folder being replaced.
 IGNORED_NAMES = (".DS_Store",)
-# Larger than any config.json we write: a larger one is not ours and is not read.
-CONFIG_MAX_BYTES = 1 << 20
 # The longest suffix of the hidden folders beside OUT while it is written, ".OUT.tmp-<pid>-<random>" and
 # ".OUT.old-<pid>-<random>" (Linux pids are below 2**22).
 LEFTOVER_SUFFIX_LONGEST = ".old-4194304-00000000"
@@ -85,9 +83,9 @@ def check_state_dict(
         if key not in expected and not (ignore and ignore(key)):
             problems.append(f"unexpected key {key!r} (shape {list(got[key].shape)})")
     if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(f"{source}: {len(problems)} problem(s) with the weights:\n  {shown}{more}")
+        listed = "; ".join(problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(f"{source}: {len(problems)} problem(s) with the weights: {listed}{more}")
 
 
 def dtype_name(dtype: mx.Dtype) -> str:
@@ -280,11 +278,11 @@ def model_folder_problem(folder: Path) -> str | None:
 
 def _our_config(path: Path) -> dict | None:
     """The parsed ``config.json`` at ``path`` when it is one that starflow-mlx writes, else None."""
-    if path.is_symlink() or not path.is_file() or path.stat().st_size > CONFIG_MAX_BYTES:
+    if path.is_symlink():
         return None
     try:
-        meta = json.loads(path.read_bytes())
-    except ValueError:  # invalid JSON or text
+        meta = read_json_object(path)
+    except ValueError:  # missing, too large, not JSON: not one we wrote
         return None
     if not isinstance(meta, dict) or meta.get("model_type") not in MODEL_TYPES:
         return None
@@ -303,10 +301,10 @@ def _is_complete(folder: Path) -> bool:
     if meta is None or model_folder_problem(folder) is not None:
         return False
     try:
-        shards = set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shard_files(folder / INDEX_NAME)  # every shard named there is a file in the folder
+    except ValueError:
         return False
-    return all(isinstance(name, str) and (folder / name).is_file() for name in [*shards, *_companion_files(meta)])
+    return all((folder / name).is_file() for name in _companion_files(meta))
 
 
 # ---- what a killed conversion leaves beside OUT, and the locks that tell it from a running one ----

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import check_value, read_json_object, shown
+from ..config import MAX_TOKENIZER_BYTES, check_value, read_file_bytes, read_json_object, shown
 from ..t5 import HF_NAMES, T5Config, T5Encoder
 from ..checkpoint import CheckpointError, read_state_dict
 from ..weights import check_state_dict, shard_files
@@ -111,7 +111,7 @@ def _tokenizer_files(src: Path, config: T5Config) -> tuple[dict[str, bytes], int
     spiece = src / "spiece.model"
     if not spiece.is_file():
         raise CheckpointError(f"{src}: no spiece.model (the SentencePiece tokenizer of this T5 is required)")
-    files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
+    files = {name: read_file_bytes(src / name, MAX_TOKENIZER_BYTES) for name in TOKENIZER_FILES if (src / name).exists()}
     extra_ids = 100
     if "tokenizer_config.json" in files:
         where = src / "tokenizer_config.json"
