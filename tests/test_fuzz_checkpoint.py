@@ -27,8 +27,6 @@ import pickle
 import pickletools
 import re
 import struct
-import subprocess
-import sys
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
@@ -36,7 +34,17 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.crafted_checkpoints import (
+    CENTRAL_FIELDS,
+    END_FIELDS,
+    LOCAL_FIELDS,
+    Audit,
+    comparable,
+    entries,
+    op_int,
+    rezip,
+)
+from tests.helpers import run_bounded
 
 # ----------------------------------------------------------------------------------------------------------------
 # The seed checkpoint and the mutations
@@ -65,40 +73,15 @@ PICKLE_OPCODES = sorted({op.code.encode("latin-1") for op in pickletools.opcodes
 INT_OPCODES = {"BININT", "BININT1", "BININT2", "LONG1"}
 
 
-def entries(data: bytes) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        return [(i.filename, z.read(i)) for i in z.infolist()]
-
-
-def rezip(items: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for name, payload in items:
-            z.writestr(name, payload)
-    return buffer.getvalue()
-
-
 def with_pickle(seed: bytes, pkl: bytes) -> bytes:
     return rezip([(n, pkl if n.endswith("data.pkl") else d) for n, d in entries(seed)])
-
-
-def encode_int(n: int) -> bytes:
-    if 0 <= n < 256:
-        return b"K" + bytes([n])
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    data = pickle.encode_long(n)
-    return b"\x8a" + bytes([len(data)]) + data
 
 
 def zip_fields(data: bytes) -> list[tuple[int, str]]:
     """(offset, struct format) of every numeric field of the local headers, central records and end record."""
     fields = []
-    local = [(4, "<H"), (6, "<H"), (8, "<H"), (14, "<I"), (18, "<I"), (22, "<I"), (26, "<H"), (28, "<H")]
-    central = [(8, "<H"), (10, "<H"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<H"), (30, "<H"), (32, "<H"),
-               (34, "<H"), (42, "<I")]
-    end = [(4, "<H"), (6, "<H"), (8, "<H"), (10, "<H"), (12, "<I"), (16, "<I"), (20, "<H")]
-    for signature, layout in ((b"PK\x03\x04", local), (b"PK\x01\x02", central), (b"PK\x05\x06", end)):
+    for signature, layout in ((b"PK\x03\x04", LOCAL_FIELDS), (b"PK\x01\x02", list(CENTRAL_FIELDS.values())),
+                              (b"PK\x05\x06", END_FIELDS)):
         position = data.find(signature)
         while position >= 0:
             fields += [(position + offset, fmt) for offset, fmt in layout]
@@ -149,7 +132,7 @@ def mutations():
             i, at = draw(st.sampled_from(numbers))
             end = ops[i + 1][2]
             value = draw(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(-(2**70), 2**70)))
-            new = encode_int(value)
+            new = op_int(value)
             pkl = pkl[:at] + new + pkl[end:]
             ops = list(pickletools.genops(pkl))
             numbers = [(j, pos) for j, (op, _, pos) in enumerate(ops) if op.name in INT_OPCODES]
@@ -185,26 +168,6 @@ def mutations():
 # One case
 # ----------------------------------------------------------------------------------------------------------------
 
-FORBIDDEN_EVENTS = ("os.", "subprocess.", "exec", "compile", "import", "socket.", "ctypes.", "marshal.",
-                    "code.__new__", "object.__setattr__", "object.__delattr__", "pickle.find_class", "shutil.")
-
-
-class Audit:
-    """Records forbidden audit events while armed with the one file that may be opened."""
-
-    def __init__(self):
-        self.allowed_open, self.events = None, []
-        sys.addaudithook(self)
-
-    def __call__(self, event, args):
-        if self.allowed_open is None:
-            return
-        if event == "open" and str(args[0]) == self.allowed_open and args[1] in ("r", "rb"):
-            return
-        if event == "open" or event.startswith(FORBIDDEN_EVENTS):
-            self.events.append(f"{event} {repr(args)[:120]}")
-
-
 def unwrap(obj) -> dict | None:
     """The state dict inside ``obj`` as our reader finds it (wrappers and prefixes stripped), or None."""
     for wrapper in ("state_dict", "model", "module"):
@@ -219,21 +182,6 @@ def unwrap(obj) -> dict | None:
             name = name.split(".", 1)[1]
         state[name] = value
     return state
-
-
-def comparable(value):
-    """A tensor of torch or MLX, or a numpy array, as numpy in the dtype our reader returns (bfloat16 and float64 as
-    float32, since numpy has no bfloat16 and we store float64 as float32); anything else as itself."""
-    import mlx.core as mx
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        value = value.detach()
-        return (value.float() if value.dtype in (torch.bfloat16, torch.float64) else value).numpy()
-    if isinstance(value, mx.array):
-        return np.array(value.astype(mx.float32) if value.dtype == mx.bfloat16 else value)
-    return value
 
 
 def torch_state(path: Path):
@@ -372,25 +320,20 @@ def run_cases(examples: int, seed: int | None, workdir: Path) -> dict:
 
 
 CHILD = """
-import json, re, resource, sys
+import json, sys
 from pathlib import Path
-sys.path.insert(0, {repo!r})
-import torch, hypothesis, mlx.core
-from starflow_mlx import checkpoint
 from tests.test_fuzz_checkpoint import run_cases
-vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))
-resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-print(json.dumps(run_cases({examples}, {seed}, Path(sys.argv[1]))))
+print(json.dumps(run_cases(int(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3]))))
 """
 
 
 def run_in_subprocess(examples: int, seed: int | None, workdir: Path, timeout: int = 600) -> dict:
-    """The loop in a child under RLIMIT_AS (its address space after imports + 1 GiB) and RLIMIT_CPU: a crash or a
-    blow-up fails with the last case left in ``workdir/last_case.pth``."""
-    code = CHILD.format(repo=str(REPO), examples=examples, seed=seed, cpu=timeout)
-    proc = subprocess.run([sys.executable, "-c", code, str(workdir)], capture_output=True, text=True,
-                          timeout=timeout + 60, cwd=REPO)
+    """The loop in a child under ``run_bounded``'s limits (its address space after importing torch, hypothesis, the
+    reader and this module, plus 1 GiB; ``timeout`` CPU seconds): a crash or a blow-up fails with the last case left in
+    ``workdir/last_case.pth``."""
+    proc = run_bounded(CHILD, examples, json.dumps(seed), workdir, extra_memory=1 << 30, cpu=timeout,
+                       timeout=timeout + 60,
+                       imports=("torch", "hypothesis", "starflow_mlx.checkpoint", "tests.test_fuzz_checkpoint"))
     if proc.returncode != 0:
         raise AssertionError(f"the fuzzing process failed (rc {proc.returncode}); last case in "
                              f"{workdir / 'last_case.pth'}:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")

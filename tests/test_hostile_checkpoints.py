@@ -1,4 +1,5 @@
-"""Crafted checkpoint files, each built here, against the weights-only reader (``starflow_mlx.checkpoint``).
+"""Crafted checkpoint files, each built here (with ``crafted_checkpoints``), against the weights-only reader
+(``starflow_mlx.checkpoint``).
 
 Every hostile file is refused with a one-line ``CheckpointError`` (``UnsafeCheckpointError`` for code) that names
 the file and the problem; nothing is returned, so nothing outside what the file declares is read; no file is
@@ -15,16 +16,12 @@ import os
 import pickle
 import re
 import struct
-import subprocess
-import sys
 import zipfile
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -32,117 +29,28 @@ from starflow_mlx import checkpoint
 from starflow_mlx.checkpoint import CheckpointError, UnsafeCheckpointError, read_state_dict
 from starflow_mlx.weights import read_model_folder
 
+from tests.crafted_checkpoints import (
+    FOUR_FLOATS,
+    comparable,
+    entries,
+    local_data_offset,
+    op_call,
+    op_dict,
+    op_global,
+    op_int,
+    op_storage,
+    op_str,
+    op_tensor,
+    op_tuple,
+    patch_central,
+    rezip,
+    state_pickle,
+    tensor_file,
+    write_zip,
+)
+from tests.helpers import run_bounded
+
 torch = pytest.importorskip("torch")
-
-REPO = Path(__file__).resolve().parents[1]
-
-# ----------------------------------------------------------------------------------------------------------------
-# Crafting protocol-2 pickles and torch.save zips
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def op_global(module: str, name: str) -> bytes:
-    return b"c" + f"{module}\n{name}\n".encode()
-
-
-def op_str(text: str) -> bytes:
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def op_int(n: int) -> bytes:
-    if 0 <= n < 256:
-        return b"K" + bytes([n])
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    data = pickle.encode_long(n)
-    return b"\x8a" + bytes([len(data)]) + data
-
-
-def op_tuple(*items: bytes) -> bytes:
-    return b"(" + b"".join(items) + b"t"
-
-
-def op_dict(pairs: dict[str, bytes]) -> bytes:
-    return b"}(" + b"".join(op_str(k) + v for k, v in pairs.items()) + b"u"
-
-
-def op_call(module: str, name: str, *args: bytes) -> bytes:
-    return op_global(module, name) + op_tuple(*args) + b"R"
-
-
-def op_storage(key="0", numel=4, storage="FloatStorage", module="torch") -> bytes:
-    return op_tuple(op_str("storage"), op_global(module, storage), op_str(key), op_str("cpu"), op_int(numel)) + b"Q"
-
-
-def op_tensor(key="0", offset=0, size=(4,), stride=(1,), numel=4, storage="FloatStorage", *, dims=op_int,
-              offset_op=None, extra=()) -> bytes:
-    """``_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict(), *extra)`` as torch.save writes it."""
-    return op_call(
-        "torch._utils", "_rebuild_tensor_v2",
-        op_storage(key, numel, storage),
-        offset_op if offset_op is not None else op_int(offset),
-        op_tuple(*map(dims, size)),
-        op_tuple(*map(dims, stride)),
-        b"\x89",
-        op_call("collections", "OrderedDict"),
-        *extra,
-    )
-
-
-def state_pickle(tensors: dict[str, bytes]) -> bytes:
-    return b"\x80\x02" + op_dict(tensors) + b"."
-
-
-FOUR_FLOATS = np.arange(4, dtype=np.float32).tobytes()
-
-
-def write_zip(path: Path, pkl: bytes, storages: dict[str, bytes] | None = None, *, byteorder=b"little",
-              compression=zipfile.ZIP_STORED, pkl_compression=zipfile.ZIP_STORED, extra=()) -> Path:
-    """The layout of torch.save: ``archive/data.pkl``, ``archive/byteorder``, ``archive/data/<key>``."""
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", pkl, compress_type=pkl_compression)
-        if byteorder is not None:
-            z.writestr("archive/byteorder", byteorder)
-        for key, data in ({"0": FOUR_FLOATS} if storages is None else storages).items():
-            z.writestr(f"archive/data/{key}", data, compress_type=compression)
-        for name, data in extra:
-            z.writestr(name, data)
-        z.writestr("archive/version", b"3\n")
-    return path
-
-
-def tensor_file(path: Path, **tensor) -> Path:
-    """A checkpoint with one tensor ``w`` over the 4-float storage ``0``, built from ``op_tensor(**tensor)``."""
-    return write_zip(path, state_pickle({"w": op_tensor(**tensor)}))
-
-
-# Fixed-size fields of a zip central directory record: (offset in the record, struct format).
-CENTRAL_FIELDS = {"flags": (8, "<H"), "method": (10, "<H"), "crc": (16, "<I"), "compressed_size": (20, "<I"),
-                  "file_size": (24, "<I"), "header_offset": (42, "<I")}
-
-
-def patch_central(path: Path, name: str, **fields: int) -> Path:
-    """Rewrite fields of ``name``'s central directory record in place (the local header is left as it was)."""
-    data = bytearray(path.read_bytes())
-    position = struct.unpack("<I", data[data.rfind(b"PK\x05\x06") + 16:][:4])[0]  # start of the directory
-    while data[position:position + 4] == b"PK\x01\x02":
-        n, m, k = struct.unpack("<HHH", data[position + 28:position + 34])
-        if data[position + 46:position + 46 + n].decode() == name:
-            for field, value in fields.items():
-                offset, fmt = CENTRAL_FIELDS[field]
-                struct.pack_into(fmt, data, position + offset, value)
-            path.write_bytes(bytes(data))
-            return path
-        position += 46 + n + m + k
-    raise AssertionError(f"no central record for {name}")
-
-
-def local_data_offset(path: Path, name: str) -> int:
-    data = path.read_bytes()
-    header = zipfile.ZipFile(path).getinfo(name).header_offset
-    n, m = struct.unpack("<HH", data[header + 26:header + 30])
-    return header + 30 + n + m
 
 
 def torch_zip(path: Path, obj) -> Path:
@@ -150,32 +58,13 @@ def torch_zip(path: Path, obj) -> Path:
     return path
 
 
-def rezip(path: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
-    """Rewrite a zip entry by entry through ``edit(name, data)``; None drops the entry."""
-    with zipfile.ZipFile(path) as z:
-        entries = [(i.filename, z.read(i)) for i in z.infolist()]
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in entries:
-            data = edit(name, data)
-            if data is not None:
-                z.writestr(name, data)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running a case, in process or bounded in a subprocess
 # ----------------------------------------------------------------------------------------------------------------
 
-# The child measures its own address space after importing MLX (which reserves a lot of it), then allows this much
-# more: a reader that stays bounded needs a few MB for these files; a regression dies of MemoryError instead of
-# swapping the machine. RLIMIT_CPU and the timeout turn a hang into a failure.
-BOUNDED_EXTRA_BYTES = 512 << 20
 BOUNDED_READER = """
-import json, re, resource, sys
+import json, sys
 from starflow_mlx.checkpoint import CheckpointError, read_state_dict
-vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[2]), vm + int(sys.argv[2])))
-resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
 try:
     state = read_state_dict(sys.argv[1])
     print(json.dumps({"loaded": sorted(state)}))
@@ -185,10 +74,8 @@ except CheckpointError as e:
 
 
 def read_bounded(path: Path) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", BOUNDED_READER, str(path), str(BOUNDED_EXTRA_BYTES)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )
+    """``read_state_dict(path)`` in a subprocess under ``run_bounded``'s limits: what it loaded, or its refusal."""
+    proc = run_bounded(BOUNDED_READER, path, imports=("starflow_mlx.checkpoint",))
     assert proc.returncode == 0, f"the bounded reader died (rc {proc.returncode}): {proc.stderr[-3000:]}"
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -408,8 +295,8 @@ ZIP_CASES = [
          ("zip entry 'archive/data/0' has flags 0x0020: encrypted or patched data",)),
     Case("duplicate_names", duplicate_names, ("zip entry 'archive/data/0' appears twice",)),
     Case("bad_crc", flipped_data_byte, ("zip entry 'archive/data/0' fails its CRC-32 check (the file is corrupt)",)),
-    Case("no_data_pkl", lambda d: rezip(tensor_file(d / "c.pth"),
-                                        lambda name, data: None if name.endswith("data.pkl") else data),
+    Case("no_data_pkl", lambda d: written(d / "c.pth", rezip([(name, data) for name, data in entries(
+        tensor_file(d / "c.pth").read_bytes()) if not name.endswith("data.pkl")])),
          ("expected one <archive>/data.pkl record in the zip, found 0",)),
     Case("two_data_pkl", lambda d: write_zip(d / "c.pth", state_pickle({"w": op_tensor()}),
                                              extra=[("other/data.pkl", state_pickle({}))]),
@@ -688,18 +575,11 @@ LEGITIMATE_TENSORS = {
 }
 
 
-def as_numpy(value) -> np.ndarray:
-    if isinstance(value, mx.array):
-        return np.array(value.astype(mx.float32) if value.dtype == mx.bfloat16 else value)
-    value = value.detach()
-    return (value.float() if value.dtype in (torch.bfloat16, torch.float64) else value).numpy()
-
-
 def assert_same_state(ours: dict, theirs: dict):
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
-        expected = as_numpy(value)
-        got = as_numpy(ours[key])
+        expected = comparable(value)
+        got = comparable(ours[key])
         assert got.shape == expected.shape and got.dtype == expected.dtype, (key, got.dtype, expected.dtype)
         np.testing.assert_array_equal(got, expected, err_msg=key)
 
@@ -760,30 +640,20 @@ def test_view_reads_only_its_byte_range(tmp_path, monkeypatch):
 AUDITED_READER = """
 import json, sys
 from starflow_mlx.checkpoint import CheckpointError, read_state_dict
+from tests.crafted_checkpoints import Audit
 warm_up, paths = sys.argv[1:3], sys.argv[3:]
 for path in warm_up:  # legitimate files first, so that lazy imports (zip name codecs) happen before the audit
     read_state_dict(path)
-FORBIDDEN = ("os.", "subprocess.", "exec", "compile", "import", "socket.", "ctypes.", "marshal.", "code.__new__",
-             "object.__setattr__", "object.__delattr__", "builtins.input", "pickle.find_class", "shutil.")
-events, armed = [], []
-def hook(event, args):
-    if not armed:
-        return
-    if event == "open" and str(args[0]) == armed[0] and args[1] in ("r", "rb"):
-        return
-    if event == "open" or event.startswith(FORBIDDEN):
-        events.append([event, repr(args)[:200]])
-sys.addaudithook(hook)
-outcomes = {}
+audit, outcomes = Audit(), {}
 for path in paths:
-    armed[:] = [path]
+    audit.allowed_open = path
     try:
         read_state_dict(path)
         outcomes[path] = "loaded"
     except CheckpointError as e:
         outcomes[path] = type(e).__name__
-    armed.clear()
-print(json.dumps({"events": events, "outcomes": outcomes}))
+    audit.allowed_open = None
+print(json.dumps({"events": audit.events, "outcomes": outcomes}))
 """
 
 
@@ -796,9 +666,7 @@ def test_reading_hostile_files_runs_no_code(tmp_path):
         folder = tmp_path / case.id
         folder.mkdir()
         paths.append(case.build(folder))
-    proc = subprocess.run([sys.executable, "-c", AUDITED_READER, str(legitimate), str(crafted), *map(str, paths)],
-                          capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = run_bounded(AUDITED_READER, legitimate, crafted, *paths, imports=("starflow_mlx.checkpoint",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["events"] == []

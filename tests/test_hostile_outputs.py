@@ -4,8 +4,8 @@ killed conversions, weights that a dtype cannot hold, and one-line command-line 
 Every refusal is checked by its error (type and the words naming the problem) and by the files: every path under
 the test's folder is compared byte for byte before and after (``snapshot``), so nothing was written, replaced or
 deleted and no hidden ``.OUT.tmp-*`` / ``.OUT.old-*`` folder was left. Signals go to a conversion in a subprocess
-(CPU-time limit and timeout) that says through a file when it is blocked in the middle of its work, so nothing
-races. The converters' sources are test_converters' own tiny ones.
+(under the resource limits and timeout of ``tests.helpers.start_bounded``) that says through a file when it is
+blocked in the middle of its work, so nothing races. The converters' sources are test_converters' own tiny ones.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import json
 import logging
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import types
 import zipfile
@@ -39,7 +37,7 @@ from starflow_mlx.cli import main as cli_main  # noqa: E402
 from starflow_mlx.convert.flow import convert_flow  # noqa: E402
 from starflow_mlx.flow import load_flow  # noqa: E402
 from starflow_mlx.weights import OutputFolderError, read_config, read_model_folder  # noqa: E402
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import finish_bounded, start_bounded  # noqa: E402
 from tests.test_converters import SOURCES, sd_model, t5_parts, wan_state  # noqa: E402,F401 (fixtures of SOURCES)
 
 # The module each converter reads its checkpoints through (patched to fail or be interrupted while reading).
@@ -420,16 +418,9 @@ sys.exit(main(argv))
 """
 
 
-def _limit_cpu():
-    resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
-
-
 def start_conversion(ready: Path, stage: str, argv: list[str]) -> subprocess.Popen:
-    """The command line converting in a subprocess; for a blocking stage, returned once it is blocked."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(ready), stage, *argv], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, preexec_fn=_limit_cpu,
-    )
+    """The command line converting in a bounded subprocess; for a blocking stage, returned once it is blocked."""
+    proc = start_bounded(CHILD, ready, stage, *argv, imports=("starflow_mlx.cli", "starflow_mlx.weights"))
     deadline = time.monotonic() + 60
     while stage in ("writing", "swapping") and not ready.exists():
         if proc.poll() is not None:
@@ -442,12 +433,8 @@ def start_conversion(ready: Path, stage: str, argv: list[str]) -> subprocess.Pop
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, list[str]]:
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"the conversion did not end: {proc.communicate()}")
-    return proc.returncode, err.splitlines()
+    result = finish_bounded(proc, timeout=60)
+    return result.returncode, result.stderr.splitlines()
 
 
 def test_a_write_limit_is_one_error_and_leaves_nothing(tiny_video, tmp_path):
