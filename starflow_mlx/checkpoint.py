@@ -9,9 +9,11 @@ not needed. The promise is that of safetensors and ``torch.load(weights_only=Tru
   parameter rebuilding, ``OrderedDict``, ``torch.Size``, dtypes, devices, and the ``set``/``bytes``/``slice``/
   ``complex`` of plain data); any other global, REDUCE on anything else, BUILD on anything but an ``OrderedDict``
   (``torch.save``'s ``_metadata``), object-creating opcodes (INST, OBJ, NEWOBJ, EXT) and persistent ids other
-  than torch's storage record are refused. Nothing in the pickle can reach our own functions or classes.
+  than torch's storage record are refused. Nothing in the pickle can reach our own functions or classes. Sparse,
+  meta, quantized and nested tensors (their own rebuild functions) are refused as unsupported.
 - A tensor in the pickle becomes a record; it is checked and read only once its state-dict key is known, so every
-  error names the file and the key: a known weight dtype (not complex, quantized or float8), non-negative integer
+  error names the file and the key: a known weight dtype (not complex, quantized or float8; float64 only with
+  values inside float32's range, which it is read as), non-negative integer
   offset, sizes and strides, the lowest and highest element of the view inside the storage, and the storage's
   zip entry exactly as large as its record declares. Only the byte range a view needs is read.
 - Zip entries must be stored (``torch.save`` never compresses; a compressed entry could inflate to any size),
@@ -44,6 +46,8 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
+
+from .config import shown
 
 
 class CheckpointError(ValueError):
@@ -118,6 +122,12 @@ _OTHER_DTYPES = {
 _KEY_TYPES = (str, int, float, bool, bytes, type(None))
 _MAX_KEY_DEPTH = 8
 _NOT_A_WEIGHT = "which is not a weight dtype (float32, float16, bfloat16, float64, or an integer or bool buffer)"
+# The rebuild functions torch.save writes for sparse, meta, quantized and nested tensors: refused like any other
+# global (never called), but with a message that says what the tensor is rather than suspecting code.
+_UNSUPPORTED_REBUILDS = {
+    "_rebuild_sparse_tensor", "_rebuild_sparse_csr_tensor", "_rebuild_meta_tensor_no_storage", "_rebuild_qtensor",
+    "_rebuild_nested_tensor",
+}
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,14 @@ def _allowed_global(module: str, name: str):
 
 
 
+# What the pickle's values are, in the user's words: never the name of one of our own record classes.
+_KINDS = {_TensorRecord: "a tensor", _TorchDtype: "a dtype", _StorageType: "a storage type", _Storage: "a storage"}
+
+
+def _kind(value) -> str:
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
 def _describe(value) -> str:
     """A value from the pickle for an error message: scalars and flat sequences of them in full, anything else
     (which could be nested deeper than repr can go) by its type."""
@@ -259,7 +277,7 @@ def _describe(value) -> str:
         return f"{value!r:.60}"
     if type(value) in (tuple, list) and len(value) <= _MAX_NDIM and all(type(v) in _KEY_TYPES for v in value):
         return f"{value!r:.200}"
-    return f"a {type(value).__name__}"
+    return _kind(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,7 +378,7 @@ class _Unpickler:
             for item in key:
                 self._check_key(item, depth + 1)
             return
-        raise self._malformed(f"a dict key or set item is a {type(key).__name__}")
+        raise self._malformed(f"a dict key or set item is {_kind(key)}")
 
     # -- opcodes -------------------------------------------------------------------------------------------------
 
@@ -370,6 +388,11 @@ class _Unpickler:
     def _global(self):
         module, name = self._line(), self._line()
         value = _allowed_global(module, name)
+        if value is None and module == "torch._utils" and name in _UNSUPPORTED_REBUILDS:
+            raise CheckpointError(
+                f"{self.archive.path}: it holds a tensor rebuilt by torch._utils.{name}: sparse, quantized, nested and "
+                "meta tensors are not supported; save the dense tensors"
+            )
         if value is None:
             raise self._refuse(
                 f"references {module}.{name}, which a weights-only checkpoint never needs (loading it could "
@@ -383,9 +406,9 @@ class _Unpickler:
             self.stack.append(self._set(args))
             return
         if _CALLABLES.get(id(func)) is not func:
-            raise self._refuse(f"calls a {type(func).__name__}, which is not a tensor or plain-data constructor")
+            raise self._refuse(f"calls {_kind(func)}, which is not a tensor or plain-data constructor")
         if type(args) is not tuple:
-            raise self._malformed(f"the arguments of a call are a {type(args).__name__}, not a tuple")
+            raise self._malformed(f"the arguments of a call are {_kind(args)}, not a tuple")
         try:
             self.stack.append(func(*args))
         except (TypeError, ValueError) as e:
@@ -404,7 +427,7 @@ class _Unpickler:
         # torch.save pickles a state dict's `_metadata` (module versions) as the OrderedDict's state; we have no
         # use for it. Anything else would set attributes, which we never do.
         if type(target) is not OrderedDict or type(state) is not dict:
-            raise self._refuse(f"sets the state of a {type(target).__name__} (BUILD), which torch.save never does")
+            raise self._refuse(f"sets the state of {_kind(target)} (BUILD), which torch.save never does")
 
     def _setitem(self):
         value, key = self._pop(), self._pop()
@@ -414,7 +437,7 @@ class _Unpickler:
         items = self._pop_mark() if items is None else items
         target = self._top()
         if type(target) not in (dict, OrderedDict):
-            raise self._malformed(f"SETITEM on a {type(target).__name__}")
+            raise self._malformed(f"SETITEM on {_kind(target)}")
         if len(items) % 2:
             raise self._malformed("SETITEMS with a key but no value")
         for key, value in zip(items[::2], items[1::2]):
@@ -429,7 +452,7 @@ class _Unpickler:
         items = self._pop_mark() if items is None else items
         target = self._top()
         if type(target) is not list:
-            raise self._malformed(f"APPEND on a {type(target).__name__}")
+            raise self._malformed(f"APPEND on {_kind(target)}")
         target.extend(items)
 
     def _mark(self):
@@ -461,10 +484,10 @@ class _Unpickler:
         if type(key) is not str or not re.fullmatch(r"[A-Za-z0-9_]{1,64}", key):
             raise self._malformed("a storage key is not a short name of letters and digits")
         if type(location) is not str or type(numel) is not int or numel < 0:
-            raise self._malformed(f"storage record {key!r} has no location or no non-negative size")
+            raise self._malformed(f"storage record {shown(key)} has no location or no non-negative size")
         storage = _Storage(key, storage_type, numel)
         if self.storages.setdefault(key, storage) != storage:
-            raise self._malformed(f"storage {key!r} is declared twice with different types or sizes")
+            raise self._malformed(f"storage {shown(key)} is declared twice with different types or sizes")
         return storage
 
     def _get(self, index: int):
@@ -575,13 +598,15 @@ class _TorchArchive:
                     f"{_MAX_ZIP_ENTRIES} any checkpoint needs"
                 )
             infos = zipfile.ZipFile(self.file).infolist()
+        except CheckpointError:
+            raise
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
                 NotImplementedError, OverflowError) as e:
             raise self._error(f"{unreadable}: {e}") from None
         entries: dict[str, _Entry] = {}
         for info in infos:
             if info.filename in entries:
-                raise self._error(f"zip entry {info.filename!r} appears twice")
+                raise self._error(f"zip entry {shown(info.filename)} appears twice")
             entries[info.filename] = self._entry(info, file_size)
         self._check_disjoint(sorted(infos, key=lambda i: i.header_offset), entries)
         return entries
@@ -589,28 +614,28 @@ class _TorchArchive:
     def _entry(self, info: zipfile.ZipInfo, file_size: int) -> _Entry:
         name = info.filename
         if info.flag_bits & ~_ZIP_FLAGS:
-            raise self._error(f"zip entry {name!r} has flags {info.flag_bits:#06x}: encrypted or patched data, "
+            raise self._error(f"zip entry {shown(name)} has flags {info.flag_bits:#06x}: encrypted or patched data, "
                               "which torch.save never writes")
         if info.compress_type != zipfile.ZIP_STORED:
             raise self._error(
-                f"zip entry {name!r} is compressed (method {info.compress_type}); torch.save stores entries "
+                f"zip entry {shown(name)} is compressed (method {info.compress_type}); torch.save stores entries "
                 "uncompressed, and a compressed one could inflate to any size"
             )
         if info.compress_size != info.file_size:
-            raise self._error(f"zip entry {name!r} is stored but declares {info.compress_size} bytes in the file "
+            raise self._error(f"zip entry {shown(name)} is stored but declares {info.compress_size} bytes in the file "
                               f"for {info.file_size} bytes of data")
         local = self._pread(info.header_offset, 30) if 0 <= info.header_offset <= file_size - 30 else b""
         if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise self._error(f"zip entry {name!r} has no local header at byte {info.header_offset}")
+            raise self._error(f"zip entry {shown(name)} has no local header at byte {info.header_offset}")
         name_length, extra_length = struct.unpack("<HH", local[26:30])
         start = info.header_offset + 30 + name_length + extra_length
         if self._pread(info.header_offset + 30, name_length) != info.orig_filename.encode(
             "utf-8" if info.flag_bits & 0x800 else "cp437", "surrogateescape"
         ):
-            raise self._error(f"zip entry {name!r} has another name in its local header")
+            raise self._error(f"zip entry {shown(name)} has another name in its local header")
         if start + info.file_size > file_size:
             raise self._error(
-                f"zip entry {name!r} declares {info.file_size} bytes at byte {start}, past the end of the "
+                f"zip entry {shown(name)} declares {info.file_size} bytes at byte {start}, past the end of the "
                 f"{file_size}-byte file (truncated download?)"
             )
         return _Entry(name, start, info.file_size, info.CRC)
@@ -619,7 +644,7 @@ class _TorchArchive:
         end, previous = 0, None
         for info in infos:
             if info.header_offset < end:
-                raise self._error(f"zip entries {previous!r} and {info.filename!r} overlap")
+                raise self._error(f"zip entries {shown(previous)} and {shown(info.filename)} overlap")
             end, previous = entries[info.filename].start + info.file_size, info.filename
 
     def _archive_prefix(self) -> str:
@@ -649,7 +674,7 @@ class _TorchArchive:
         while done < len(buffer):
             n = self.file.readinto(view[done:])
             if not n:
-                raise self._error(f"zip entry {entry.name!r} ends early (truncated)")
+                raise self._error(f"zip entry {shown(entry.name)} ends early (truncated)")
             done += n
         self._check_crc(entry, buffer if (start, stop) == (0, entry.size) else None)
         return buffer
@@ -668,7 +693,7 @@ class _TorchArchive:
             for offset in range(0, entry.size, _CRC_CHUNK):
                 crc = zlib.crc32(self.file.read(min(_CRC_CHUNK, entry.size - offset)), crc)
         if crc != entry.crc:
-            raise self._error(f"zip entry {entry.name!r} fails its CRC-32 check (the file is corrupt)")
+            raise self._error(f"zip entry {shown(entry.name)} fails its CRC-32 check (the file is corrupt)")
         self.crc_checked.add(entry.name)
 
     # -- the pickle and its tensors ----------------------------------------------------------------------------
@@ -686,16 +711,16 @@ class _TorchArchive:
     def tensor(self, key: str, record) -> mx.array:
         """The tensor that ``record`` describes, checked in full before any of its bytes is read."""
         if not isinstance(record, _TensorRecord):
-            raise self._error(f"entry {key!r} is a {type(record).__name__}, not a tensor")
+            raise self._error(f"entry {shown(key)} is {_kind(record)}, not a tensor")
         try:
             return self._materialise(record)
         except _BadView as e:
-            raise self._error(f"tensor {key!r}: {e}") from None
+            raise self._error(f"tensor {shown(key)}: {e}") from None
 
     def _materialise(self, record: _TensorRecord) -> mx.array:
         storage = record.storage
         if type(storage) is not _Storage:
-            raise _BadView(f"its storage is a {type(storage).__name__}, not a storage record")
+            raise _BadView(f"its storage is {_kind(storage)}, not a storage record")
         np_dtype, mx_dtype = _element_type(record)
         itemsize = np.dtype(np_dtype).itemsize
         entry = self._storage_entry(storage, itemsize)
@@ -712,7 +737,7 @@ class _TorchArchive:
                 "data it holds: overlapping or stride-0 views of a small storage"
             )
         array = self._read_view(entry, np_dtype, offset, size, stride)
-        out = mx.array(array.astype(np.float32) if np_dtype is np.float64 else array)
+        out = mx.array(_float64_to_float32(array) if np_dtype is np.float64 else array)
         self.views[cache_key] = out.view(mx_dtype) if mx_dtype == mx.bfloat16 else out
         self.view_bytes += out_bytes
         return self.views[cache_key]
@@ -738,6 +763,15 @@ class _TorchArchive:
         flat = raw.view(np.uint8 if np_dtype is np.bool_ else np_dtype)
         array = np.lib.stride_tricks.as_strided(flat, shape=size, strides=[s * itemsize for s in stride])
         return array != 0 if np_dtype is np.bool_ else array.copy()  # C order, and 0-d stays 0-d
+
+
+def _float64_to_float32(array: np.ndarray) -> np.ndarray:
+    """A float64 tensor as float32, once its finite values are known to fit (inf and NaN are kept: the weight
+    checks name them); checked first, so that numpy never warns of an overflow."""
+    largest = np.max(np.abs(array), initial=0.0, where=np.isfinite(array))
+    if largest > np.finfo(np.float32).max:
+        raise _BadView(f"it holds values up to {largest:.6g}, beyond float32's range ({np.finfo(np.float32).max:.6g})")
+    return array.astype(np.float32)
 
 
 def _element_type(record: _TensorRecord):
@@ -792,6 +826,10 @@ _SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8,
     "F16": 2, "BF16": 2, "F32": 4,
 }
+# F64 is left out: MLX reads it as a float64 array, which no weight is; torch files' float64 is range-checked and
+# read as float32 instead.
+_NOT_A_SAFETENSORS_WEIGHT = ("which is not a weight dtype of a safetensors file (F32, F16, BF16, or an integer or "
+                             "BOOL buffer; save float64 weights as F32)")
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, mx.array]:
@@ -827,7 +865,7 @@ def _check_safetensors(path: Path):
     position = 0
     for (begin, end), key in spans:
         if begin != position:
-            fail(f"tensor {key!r} starts at byte {begin} of the data, expected {position} (tensors are packed "
+            fail(f"tensor {shown(key)} starts at byte {begin} of the data, expected {position} (tensors are packed "
                  "without gaps or overlaps)")
         position = end
     if position != file_size - 8 - length:
@@ -844,19 +882,19 @@ def _unique_keys(pairs: list) -> dict:
 def _safetensors_span(key: str, record, fail) -> tuple[int, int]:
     """(begin, end) in the data section of one tensor record, checked against its dtype and shape."""
     if type(record) is not dict or set(record) != {"dtype", "shape", "data_offsets"}:
-        fail(f"tensor {key!r} is not a record of dtype, shape and data_offsets")
+        fail(f"tensor {shown(key)} is not a record of dtype, shape and data_offsets")
     dtype, shape, offsets = record["dtype"], record["shape"], record["data_offsets"]
     if dtype not in _SAFETENSORS_DTYPES:
-        fail(f"tensor {key!r} has dtype {_describe(dtype)}, {_NOT_A_WEIGHT}")
+        fail(f"tensor {shown(key)} has dtype {_describe(dtype)}, {_NOT_A_SAFETENSORS_WEIGHT}")
     if type(shape) is not list or len(shape) > _MAX_NDIM or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape):
-        fail(f"tensor {key!r} has shape {_describe(shape)}, not a list of at most {_MAX_NDIM} integers in "
+        fail(f"tensor {shown(key)} has shape {_describe(shape)}, not a list of at most {_MAX_NDIM} integers in "
              f"[0, {_MAX_DIM}]")
     if type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
             or not 0 <= offsets[0] <= offsets[1]:
-        fail(f"tensor {key!r} has data_offsets {_describe(offsets)}, not [begin, end] with 0 <= begin <= end")
+        fail(f"tensor {shown(key)} has data_offsets {_describe(offsets)}, not [begin, end] with 0 <= begin <= end")
     needed = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
     if offsets[1] - offsets[0] != needed:
-        fail(f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes, but {dtype} of shape {shape} needs {needed}")
+        fail(f"tensor {shown(key)} spans {offsets[1] - offsets[0]} bytes, but {dtype} of shape {shape} needs {needed}")
     return offsets[0], offsets[1]
 
 
@@ -872,22 +910,23 @@ def _state_dict(obj, path: Path, tensor: Callable[[str, Any], mx.array]) -> dict
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors), got {_kind(obj)}")
     out = {}
     for key, value in obj.items():
         if type(key) is not str:
-            raise CheckpointError(f"{path}: a state_dict key is a {type(key).__name__}, not a name")
+            raise CheckpointError(f"{path}: a state_dict key is {_kind(key)}, not a name")
         name = key
         while name.startswith(("module.", "_orig_mod.")):
             name = name.split(".", 1)[1]
         if name in out:
-            raise CheckpointError(f"{path}: key {name!r} appears twice once prefixes are stripped")
+            raise CheckpointError(f"{path}: key {shown(name)} appears twice once prefixes are stripped")
         out[name] = tensor(key, value)
     return out
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, mx.array]:
-    """All tensors of a checkpoint file, by name, as MLX arrays in their stored dtype (float64 becomes float32)."""
+    """All tensors of a checkpoint file, by name, as MLX arrays in their stored dtype (float64 becomes float32,
+    refused when a value does not fit it)."""
     path = Path(path)
     if not path.is_file():
         problem = "is a folder, expected a checkpoint file" if path.is_dir() else (

@@ -265,8 +265,8 @@ class StarFlow(nn.Module):
             raise ValueError(f"text_null must be (1 or {B}, {L}, {D}) like text, got shape {list(text_null.shape)}")
 
     def check_conditioning(self, x: mx.array, text, text_null, guidance) -> float:
-        """``text`` and ``text_null`` for latent ``x`` under ``guidance`` (a finite number >= 0, returned)."""
-        guidance = arguments.finite_number("guidance", guidance, minimum=0)
+        """``text`` and ``text_null`` for latent ``x`` under ``guidance`` (in [0, MAX_GUIDANCE], returned)."""
+        guidance = arguments.guidance(guidance)
         self.check_text(text, x.shape[0], required=self.text_conditioned)
         if text is not None:
             self.check_text_null(text_null, text, guidance)
@@ -300,7 +300,7 @@ class StarFlow(nn.Module):
         prefill of image-to-video (``prefill``); the per-block permuted inputs are returned as ``prefixes``.
         """
         self.check_latent("x", x)
-        guidance = arguments.finite_number("guidance", guidance, minimum=0)
+        guidance = arguments.guidance(guidance)
         self.check_text(text, x.shape[0], required=self.text_conditioned)
         if guidance > 0 and x.shape[0] % 2:
             raise ValueError(f"guidance > 0 needs an even batch of rows [cond; uncond], got batch {x.shape[0]}")

@@ -24,7 +24,7 @@ from typing import Iterator, Union
 import mlx.core as mx
 
 from . import arguments
-from .config import Config
+from .config import Config, bounded
 from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
 
@@ -64,7 +64,8 @@ DEFAULT_OVERLAP = 16
 class SamplerOptions(Config):
     """How to invert the flow. Validated on construction; every error names the field and the value.
 
-    - ``guidance``: classifier-free guidance weight in the deep block (0: none; needs ``text_null``).
+    - ``guidance``: classifier-free guidance weight in the deep block (0: none; needs ``text_null``), at most
+      ``arguments.MAX_GUIDANCE``.
     - ``solver``: ``SEQUENTIAL`` or a ``Jacobi(...)``.
     - ``window``: the deep block's sliding window in latent frames; ``None`` takes the model's
       ``local_attn_window`` (the window it was trained with; no window if it has none).
@@ -77,15 +78,13 @@ class SamplerOptions(Config):
       Jacobi's stopping test then sees one frame instead of all, so results differ within its threshold.
     """
 
-    guidance: float = 0.0
+    guidance: float = bounded(0.0, min=0, max=arguments.MAX_GUIDANCE)
     solver: Jacobi = SEQUENTIAL
     window: int | None = None
     overlap: int | None = None
     stream_frames: bool = False
 
     def validate(self) -> None:
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if not isinstance(self.solver, Jacobi):
             raise ValueError(f"solver must be SEQUENTIAL or a Jacobi(...), got {self.solver!r}")
         if self.window is not None and self.window < 1:

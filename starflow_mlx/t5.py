@@ -251,12 +251,8 @@ class T5Encoder(nn.Module):
 def encode_prompts(model: T5Encoder, tokenizer, texts, max_length: int) -> mx.array:
     """Tokenize already-templated prompts (see ``starflow_mlx.prompts``) and encode them: [B, max_length, d_model],
     padded rows zero, i.e. the official ``encode_text`` for a T5 encoder. ``texts``: a prompt or a non-empty list
-    of prompts; ``max_length``: an integer >= 1 (the flow's ``txt_size``)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"texts must be a prompt or a non-empty list of prompts (str), got {texts!r:.80}")
-    arguments.integer("max_length", max_length, minimum=1)
+    of prompts; ``max_length``: an integer in [1, 4096] (the flow's ``txt_size``)."""
+    texts, max_length = arguments.prompts(texts), arguments.prompt_length(max_length)
     input_ids, attention_mask = tokenizer(texts, max_length)
     return model.encode(input_ids, attention_mask)
 

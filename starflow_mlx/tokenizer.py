@@ -29,26 +29,61 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import arguments
+from .checkpoint import CheckpointError
 from .config import MAX_TOKENIZER_BYTES, check_value, read_file_bytes, read_json_object
 
 SPACE_PIECE = "\u2581"  # ▁, SentencePiece's whitespace marker
 MODES = ("official", "sentencepiece")
+MAX_EXTRA_IDS = 1 << 16
+
+
+def sentencepiece_model(proto: bytes, source: str | os.PathLike):
+    """The ``SentencePieceProcessor`` of a serialized model, or a one-line ``CheckpointError`` naming ``source``.
+
+    Empty bytes are refused here: sentencepiece accepts them as a model that is not initialised, which then writes
+    "Model is not initialized" straight to the process's stderr on every call. Any other bytes that are no model
+    fail to parse, silently, with an exception."""
+    import sentencepiece as spm
+
+    if not proto:
+        raise CheckpointError(f"{source}: not a SentencePiece model: it is empty")
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto)
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own message
+        raise CheckpointError(f"{source}: not a SentencePiece model: {' '.join(str(e).split())[:200]}") from None
+
+
+def check_vocabulary(sp, extra_ids: int, vocab_size: int, source: str | os.PathLike) -> None:
+    """The pieces of ``sp`` plus ``extra_ids`` sentinels must fit the encoder's ``vocab_size``."""
+    pieces = sp.get_piece_size()
+    if pieces + extra_ids > vocab_size:
+        raise CheckpointError(
+            f"{source}: {pieces} pieces + {extra_ids} extra ids exceed the model's vocab_size {vocab_size}; is this "
+            "the tokenizer of this model?"
+        )
 
 
 class T5Tokenizer:
     """SentencePiece T5 tokenizer; ``tok(texts, max_length)`` returns ``(input_ids, attention_mask)`` mx arrays."""
 
-    def __init__(self, spiece: str | os.PathLike | bytes, extra_ids: int = 100, mode: str = "official"):
+    def __init__(
+        self, spiece: str | os.PathLike | bytes, extra_ids: int = 100, mode: str = "official",
+        vocab_size: int | None = None,
+    ):
+        """``spiece``: the SentencePiece model (a file or its bytes); ``extra_ids``: the ``<extra_id_N>`` sentinels
+        numbered after its pieces; ``vocab_size``: the encoder's vocabulary when known, which pieces and sentinels
+        must fit (an id beyond it would make the encoder refuse every prompt that uses it)."""
         import sentencepiece as spm
 
         if mode not in MODES:
             raise ValueError(f"unknown tokenizer mode {mode!r}; choose one of {', '.join(MODES)}")
+        source = "the spiece bytes" if isinstance(spiece, bytes) else spiece
         proto = spiece if isinstance(spiece, bytes) else read_file_bytes(spiece, MAX_TOKENIZER_BYTES)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_proto=proto)
-        except Exception as e:
-            source = "spiece bytes" if isinstance(spiece, bytes) else spiece
-            raise ValueError(f"{source}: not a SentencePiece model: {e}") from None
+        self.sp = sentencepiece_model(proto, source)
+        extra_ids = arguments.integer("extra_ids", extra_ids, minimum=0, maximum=MAX_EXTRA_IDS)
+        if vocab_size is not None:
+            check_vocabulary(self.sp, extra_ids, vocab_size, source)
         self.mode = mode
         if mode == "official":
             if not hasattr(spm, "SentencePieceNormalizer"):
@@ -86,15 +121,18 @@ class T5Tokenizer:
         spiece = folder / "spiece.model"
         if not spiece.is_file():
             raise ValueError(f"{folder}: no spiece.model (the SentencePiece model of the T5 tokenizer)")
-        extra_ids, where = 100, None
+        extra_ids, where, vocab_size = 100, None, None
         config = folder / "config.json"
         hf_config = folder / "tokenizer_config.json"
-        if config.is_file() and isinstance(block := read_json_object(config).get("tokenizer"), dict):
+        meta = read_json_object(config) if config.is_file() else {}
+        if isinstance(block := meta.get("tokenizer"), dict):
             extra_ids, where = block.get("extra_ids", extra_ids), config
         elif hf_config.is_file():
             extra_ids, where = read_json_object(hf_config).get("extra_ids", extra_ids), hf_config
-        check_value(extra_ids, int, f"{where}: extra_ids", {"min": 0, "max": 1 << 16})
-        return cls(read_file_bytes(spiece, MAX_TOKENIZER_BYTES), extra_ids=extra_ids, mode=mode)
+        check_value(extra_ids, int, f"{where}: extra_ids", {"min": 0, "max": MAX_EXTRA_IDS})
+        if "vocab_size" in meta:  # ours and Hugging Face's config.json both state the encoder's vocabulary
+            vocab_size = check_value(meta["vocab_size"], int, f"{config}: vocab_size", {"min": 1})
+        return cls(spiece, extra_ids=extra_ids, mode=mode, vocab_size=vocab_size)
 
     def _encode_plain(self, text: str) -> list[int]:
         ids = self.sp.encode(text)
@@ -105,8 +143,7 @@ class T5Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without ``</s>`` and without truncation."""
-        if not isinstance(text, str):
-            raise TypeError(f"expected a string prompt, got {type(text).__name__}")
+        arguments.prompt("text", text)
         ids, start = [], 0
         for match in self._special_re.finditer(text):
             if match.start() > start:
@@ -118,12 +155,9 @@ class T5Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids, attention_mask)`` as int32 numpy arrays [len(texts), max_length]."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if int(max_length) < 1:
-            raise ValueError(f"max_length must be >= 1 (room for </s>), got {max_length}")
-        max_length = int(max_length)
+        """``(input_ids, attention_mask)`` as int32 numpy arrays [len(texts), max_length]: ``texts`` a prompt or a
+        non-empty list of prompts, ``max_length`` an integer in [1, ``arguments.MAX_PROMPT_TOKENS``]."""
+        texts, max_length = arguments.prompts(texts), arguments.prompt_length(max_length)
         ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(texts), max_length), dtype=np.int32)
         for row, text in enumerate(texts):

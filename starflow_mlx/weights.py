@@ -74,14 +74,14 @@ def check_state_dict(
     problems = []
     for key, shape in expected.items():
         if key not in got:
-            problems.append(f"missing key {key!r} (expected shape {list(shape)})")
+            problems.append(f"missing key {shown(key)} (expected shape {list(shape)})")
         elif tuple(got[key].shape) != tuple(shape):
-            problems.append(f"key {key!r} has shape {list(got[key].shape)}, expected {list(shape)}")
+            problems.append(f"key {shown(key)} has shape {list(got[key].shape)}, expected {list(shape)}")
         elif key not in non_floating and not mx.issubdtype(got[key].dtype, mx.floating):
-            problems.append(f"key {key!r} has dtype {dtype_name(got[key].dtype)}, expected a floating tensor")
+            problems.append(f"key {shown(key)} has dtype {dtype_name(got[key].dtype)}, expected a floating tensor")
     for key in got:
         if key not in expected and not (ignore and ignore(key)):
-            problems.append(f"unexpected key {key!r} (shape {list(got[key].shape)})")
+            problems.append(f"unexpected key {shown(key)} (shape {list(got[key].shape)})")
     if problems:
         listed = "; ".join(problems[:5])
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -133,7 +133,8 @@ class KeyMap:
         for key, value in state.items():
             name = self.to_ours(key)
             if name in out:
-                raise CheckpointError(f"{source}: keys {origin[name]!r} and {key!r} both stand for {name!r}")
+                raise CheckpointError(f"{source}: keys {shown(origin[name])} and {shown(key)} both stand for "
+                                      f"{shown(name)}")
             out[name], origin[name] = value, key
         return out
 
@@ -583,8 +584,13 @@ def load_model(
     """Build a component from a converted folder and load its weights strictly.
 
     ``config_class`` (a ``Config`` subclass) names the expected ``model_type`` and parses ``config.json``; ``build``
-    makes the module from that config; ``dtype`` casts the floating weights (``None`` keeps the stored ones).
+    makes the module from that config; ``dtype`` (``parse_dtype``) casts the floating weights (``None`` keeps the
+    stored ones).
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(f"folder must be the path of a converted model folder (str or os.PathLike), got "
+                         f"{type(folder).__name__}")
+    dtype = parse_dtype(dtype, optional=True)
     raw = read_config(folder)
     kind = config_class.model_type
     if raw.get("model_type") != kind:
@@ -599,7 +605,7 @@ def load_model(
     model = build(config)
     weights = read_model_folder(folder)
     if dtype is not None:
-        weights = cast_floating(weights, parse_dtype(dtype) if isinstance(dtype, str) else dtype, folder)
+        weights = cast_floating(weights, dtype, folder)
     load_weights_into(model, weights, raw, folder)
     model.eval()
     mx.eval(model.parameters())
@@ -646,10 +652,20 @@ def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype, source: str | o
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
-def parse_dtype(name: str) -> mx.Dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def parse_dtype(dtype: "str | mx.Dtype | None", optional: bool = False) -> mx.Dtype | None:
+    """The storage dtype a name ("float32", "bfloat16", "float16") or the matching ``mx`` dtype stands for; None
+    when ``optional`` (keep the stored dtypes). Anything else (float64, integers, numpy or torch dtypes) is refused
+    in one line: the weights are only ever stored and computed in these three."""
+    if dtype is None and optional:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, mx.Dtype) and dtype in DTYPES.values():
+        return dtype
+    given = shown(dtype, 60) if isinstance(dtype, str) else str(dtype)[:60]
+    choices = ", ".join(DTYPES)
+    raise ValueError(f"dtype must be one of {choices} (as a name or an mx dtype){' or None' if optional else ''}, "
+                     f"got {given}")
 
 
 def provenance(files, **extra) -> dict:

@@ -199,6 +199,8 @@ GUIDANCE_CASES = [
     ("bool", True, "guidance must be a finite number, got bool True"),
     ("none", None, "guidance must be a finite number, got None"),
     ("array", mx.array([1.0, 2.0]), r"guidance must be a finite number, got mlx.core.array of shape \[2\]"),
+    ("huge", 1e308, r"guidance must be <= 100.0, got 1e\+308"),
+    ("above-bound", 100.5, r"guidance must be <= 100.0, got 100.5"),
 ]
 
 
@@ -208,6 +210,42 @@ def test_guidance_refused(flow, entry, case, guidance, message):
     call = {"forward": lambda: flow(latent(batch=2), text(batch=2), guidance),
             "prefill": lambda: flow.prefill(latent(), text(), guidance, text())}[entry]
     refused(call, message)
+
+
+@pytest.mark.parametrize("guidance", [1e308, 100.01, float("inf"), -0.5], ids=["huge", "above-bound", "inf",
+                                                                                 "negative"])
+def test_sampler_options_guidance_bounded(guidance):
+    refused(lambda: SamplerOptions(guidance=guidance),
+            rf"SamplerOptions.guidance must be a finite number in \[0, 100.0\], got {re.escape(repr(guidance))}")
+
+
+def test_guidance_at_the_bound_samples_finite_values(flow):
+    out = flow.reverse(latent(), text(), text(seed=11), SamplerOptions(guidance=100.0))
+    assert bool(mx.isfinite(out).all())
+
+
+# Which argument of an entry holds the NaN or inf: (argument name, call(flows, bad value)).
+NON_FINITE_ARGUMENTS = {
+    "latent": lambda entry: (ENTRIES[entry][0], lambda f, bad: ENTRIES[entry][1](f, bad(latent()), text(), text())),
+    "text": lambda entry: ("text", lambda f, bad: ENTRIES[entry][1](f, latent(), bad(text()), text())),
+    "text_null": lambda entry: ("text_null", lambda f, bad: ENTRIES[entry][1](f, latent(), text(), bad(text()))),
+}
+NON_FINITE_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+NON_FINITE_CASES = [(entry, argument, value) for entry in ENTRIES for argument in NON_FINITE_ARGUMENTS
+                    for value in NON_FINITE_VALUES if argument != "text_null" or entry in GUIDED_ENTRIES]
+
+
+@pytest.mark.parametrize("entry, argument, value", NON_FINITE_CASES, ids=["-".join(c) for c in NON_FINITE_CASES])
+def test_non_finite_inputs_refused(flows, entry, argument, value):
+    """One NaN or inf anywhere in a latent or an embedding is named, instead of sampling NaN silently."""
+
+    def poison(x):
+        flat = x.flatten()
+        flat[flat.size // 2] = NON_FINITE_VALUES[value]
+        return flat.reshape(x.shape)
+
+    name, call = NON_FINITE_ARGUMENTS[argument](entry)
+    refused(lambda: call(flows, poison), rf"{name} holds NaN or inf values; expected finite numbers")
 
 
 def test_guided_forward_needs_an_even_batch(flow):
@@ -541,10 +579,14 @@ def _no_tokenizer(*_):
 
 ENCODE_PROMPTS_CASES = [
     ("texts-int", 5, 4, "texts must be a prompt or a non-empty list of prompts"),
-    ("texts-empty", [], 4, r"texts must be a prompt or a non-empty list of prompts \(str\), got \[\]"),
-    ("texts-mixed", ["a cat", 3], 4, "texts must be a prompt or a non-empty list of prompts"),
+    ("texts-empty", [], 4, r"texts must be a prompt or a non-empty list of prompts \(str\), got an empty list"),
+    ("texts-mixed", ["a cat", 3], 4, r"texts\[1\] must be a prompt \(str\), got int 3"),
     ("max-length-0", ["a cat"], 0, "max_length must be >= 1, got 0"),
-    ("max-length-float", ["a cat"], 2.5, "max_length must be an integer >= 1, got float 2.5"),
+    ("max-length-float", ["a cat"], 2.7, "max_length must be an integer >= 1, got float 2.7"),
+    ("max-length-huge", ["a cat"], 10**10, "max_length must be <= 4096, got 10000000000"),
+    ("lone-surrogate", ["a cat", "a \ud800 dog"], 4,
+     r"texts\[1\] is not valid Unicode text: surrogates not allowed at character 2 \('\\ud800'\)"),
+    ("texts-dict", {"a": 1}, 4, "texts must be a prompt or a non-empty list of prompts \\(str\\), got dict"),
 ]
 
 
@@ -680,3 +722,134 @@ def test_torch_tensors_and_array_scalars_are_named(flow):
     refused(lambda: flow.denoise(latent(), text(), mx.array(1.5)), "window must be an integer >= 1 or None, got "
             r"mlx.core.array of shape \[\] and dtype mlx.core.float32")
     assert maxerr(flow.denoise(latent(), text(), mx.array(2)), flow.denoise(latent(), text(), 2)) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer: prompts, max_length, the SentencePiece model and the sentinels, checked at the entry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spiece_model() -> bytes:
+    pytest.importorskip("transformers")  # tests.test_t5 needs it
+    from tests.test_t5 import train_spiece
+
+    return train_spiece()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spiece_model):
+    from starflow_mlx.tokenizer import T5Tokenizer
+
+    return T5Tokenizer(spiece_model, extra_ids=3)
+
+
+TOKENIZER_CASES = [
+    ("lone-surrogate", "\ud800", 8, r"texts\[0\] is not valid Unicode text: surrogates not allowed at character 0"),
+    ("surrogate-in-list", ["ok", "x\udfff"], 8, r"texts\[1\] is not valid Unicode text"),
+    ("not-a-string", [b"bytes"], 8, r"texts\[0\] must be a prompt \(str\), got bytes"),
+    ("max-length-float", "ok", 2.7, "max_length must be an integer >= 1, got float 2.7"),
+    ("max-length-huge", "ok", 10**10, "max_length must be <= 4096, got 10000000000"),
+    ("max-length-zero", "ok", 0, "max_length must be >= 1, got 0"),
+    ("max-length-bool", "ok", True, "max_length must be an integer >= 1, got bool True"),
+]
+
+
+@pytest.mark.parametrize("case, texts, max_length, message", TOKENIZER_CASES, ids=[c[0] for c in TOKENIZER_CASES])
+def test_tokenizer_arguments_refused(tokenizer, case, texts, max_length, message):
+    refused(lambda: tokenizer(texts, max_length), message)
+
+
+def test_tokenizer_encode_refuses_a_lone_surrogate(tokenizer):
+    refused(lambda: tokenizer.encode("a\ud800"), r"text is not valid Unicode text: surrogates not allowed at character 1")
+
+
+SPIECE_CASES = {
+    "empty": (b"", "the spiece bytes: not a SentencePiece model: it is empty"),
+    "garbage": (b"\x0a\x05hello", "the spiece bytes: not a SentencePiece model: INTERNAL: "),
+}
+
+
+@pytest.mark.parametrize("data, message", list(SPIECE_CASES.values()), ids=list(SPIECE_CASES))
+def test_unusable_sentencepiece_model_refused_silently(data, message, capfd):
+    """Refused at load in one line, with nothing from sentencepiece or absl on the process's stderr (fd 2)."""
+    from starflow_mlx.checkpoint import CheckpointError
+    from starflow_mlx.tokenizer import T5Tokenizer
+
+    capfd.readouterr()
+    assert refusal(lambda: T5Tokenizer(data), CheckpointError).startswith(message)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("extra_ids, vocab_size, message", [
+    (60000, 203, "200 pieces + 60000 extra ids exceed the model's vocab_size 203"),
+    (4, 203, "200 pieces + 4 extra ids exceed the model's vocab_size 203"),
+    (3, 150, "200 pieces + 3 extra ids exceed the model's vocab_size 150"),
+], ids=["far-over", "one-over", "pieces-over"])
+def test_tokenizer_folder_sentinels_must_fit_the_vocabulary(spiece_model, tmp_path, extra_ids, vocab_size, message):
+    from starflow_mlx.checkpoint import CheckpointError
+    from starflow_mlx.tokenizer import T5Tokenizer
+
+    (tmp_path / "spiece.model").write_bytes(spiece_model)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": vocab_size,
+                                                      "tokenizer": {"extra_ids": extra_ids}}))
+    text = refusal(lambda: T5Tokenizer.from_folder(tmp_path), CheckpointError)
+    assert text == f"{tmp_path / 'spiece.model'}: {message}; is this the tokenizer of this model?"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 203,
+                                                      "tokenizer": {"extra_ids": 3}}))
+    assert T5Tokenizer.from_folder(tmp_path).vocab_size == 203
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loaders: dtype and folder, refused before any file is read
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _loaders():
+    from starflow_mlx.flow import load_flow
+    from starflow_mlx.sd_vae import load_sd_vae
+    from starflow_mlx.t5 import load_t5
+    from starflow_mlx.wan_vae import load_wan_vae
+
+    return {"flow": load_flow, "t5": load_t5, "wan-vae": load_wan_vae, "sd-vae": load_sd_vae}
+
+
+def _torch_float16():
+    return pytest.importorskip("torch").float16
+
+
+BAD_DTYPES = {
+    "numpy-float16": (lambda: np.float16, "<class 'numpy.float16'>"),
+    "torch-float16": (_torch_float16, "torch.float16"),
+    "mx-float64": (lambda: mx.float64, "mlx.core.float64"),
+    "mx-int32": (lambda: mx.int32, "mlx.core.int32"),
+    "mx-bool": (lambda: mx.bool_, "mlx.core.bool"),
+    "mx-complex64": (lambda: mx.complex64, "mlx.core.complex64"),
+    "name-float64": (lambda: "float64", "'float64'"),
+    "int": (lambda: 5, "5"),
+}
+
+
+@pytest.mark.parametrize("loader", ["flow", "t5", "wan-vae", "sd-vae"])
+@pytest.mark.parametrize("dtype, shown", list(BAD_DTYPES.values()), ids=list(BAD_DTYPES))
+def test_loader_dtype_refused(loader, dtype, shown, tmp_path):
+    refused(lambda: _loaders()[loader](tmp_path / "never-read", dtype=dtype()),
+            rf"dtype must be one of float32, bfloat16, float16 \(as a name or an mx dtype\) or None, got "
+            rf"{re.escape(shown)}$")
+
+
+@pytest.mark.parametrize("loader", ["flow", "t5", "wan-vae", "sd-vae"])
+@pytest.mark.parametrize("folder, kind", [(None, "NoneType"), (5, "int"), (b"/tmp", "bytes")], ids=["none", "int", "bytes"])
+def test_loader_folder_refused(loader, folder, kind):
+    refused(lambda: _loaders()[loader](folder),
+            rf"folder must be the path of a converted model folder \(str or os.PathLike\), got {kind}$")
+
+
+def test_parse_dtype_accepts_names_and_mx_dtypes():
+    from starflow_mlx.weights import parse_dtype
+
+    for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16), ("float16", mx.float16)):
+        assert parse_dtype(name) == dtype and parse_dtype(dtype) == dtype
+    assert parse_dtype(None, optional=True) is None
+    refused(lambda: parse_dtype(None), r"dtype must be one of float32, bfloat16, float16 \(as a name or an mx dtype\), "
+                                       r"got None")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -48,7 +49,7 @@ from tests.crafted_checkpoints import (
     tensor_file,
     write_zip,
 )
-from tests.helpers import run_bounded
+from tests.helpers import refusal, run_bounded
 
 torch = pytest.importorskip("torch")
 
@@ -184,7 +185,17 @@ RECORD_CASES = [
     Case("key_not_a_name", lambda d: write_zip(d / "c.pth", b"\x80\x02}" + op_int(1) + op_tensor() + b"s."),
          ("a state_dict key is a int, not a name",)),
     Case("not_a_mapping", lambda d: write_zip(d / "c.pth", b"\x80\x02]" + op_tensor() + b"a."),
-         ("expected a state_dict (a mapping of names to tensors), got list",)),
+         ("expected a state_dict (a mapping of names to tensors), got a list",)),
+    Case("dtype_as_weight", lambda d: write_zip(d / "c.pth", state_pickle({"w": op_global("torch", "float32")})),
+         ("entry 'w' is a dtype, not a tensor",)),
+    Case("storage_type_as_weight", lambda d: write_zip(d / "c.pth", state_pickle(
+        {"w": op_global("torch", "FloatStorage")})), ("entry 'w' is a storage type, not a tensor",)),
+    Case("float64_beyond_float32", lambda d: write_zip(d / "c.pth", state_pickle(
+        {"w": op_tensor(numel=2, size=(2,), storage="DoubleStorage")}), {"0": struct.pack("<2d", 1.0, -1e300)}),
+         ("tensor 'w': it holds values up to 1e+300, beyond float32's range (3.40282e+38)",)),
+    Case("long_key_bounded", lambda d: write_zip(d / "c.pth", state_pickle({"k" * 1_000_000: op_tensor(offset=-1)})),
+         ("tensor 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk ...': its storage "
+          "offset -1",)),
     # Many times the memory the file holds, through views that read the same elements again.
     Case("stride0_bomb", lambda d: tensor_file(d / "c.pth", size=(1 << 20, 1 << 10), stride=(0, 0)),
          ("tensor 'w': its view (size [1048576, 1024], stride [0, 0]) of storage '0' would bring the tensors read "
@@ -364,7 +375,7 @@ PICKLE_CASES = [
     Case("reduce_gadget", lambda d: write_zip(d / "c.pth", pickle.dumps({"w": _Gadget()}, protocol=2)),
          (f"its pickle references {os.system.__module__}.system",), UnsafeCheckpointError),
     pickle_case("reduce_on_dtype", state_pickle({"w": op_global("torch", "float32") + b")R"}),
-                "refusing to load: its pickle calls a _TorchDtype, which is not a tensor or plain-data constructor",
+                "refusing to load: its pickle calls a dtype, which is not a tensor or plain-data constructor",
                 error=UnsafeCheckpointError),
     pickle_case("opcode_INST", b"\x80\x02(ios\nsystem\n.", "opcode INST at byte 3", error=UnsafeCheckpointError),
     pickle_case("opcode_OBJ", b"\x80\x02(" + op_global("collections", "OrderedDict") + b"o.", "opcode OBJ",
@@ -386,9 +397,9 @@ PICKLE_CASES = [
                                                    b"N" + op_dict({"__defaults__": op_tuple(op_int(1))}) + b"\x86"),
                 "sets the state of a function (BUILD)", error=UnsafeCheckpointError),
     pickle_case("build_on_storage_type", build_on(op_global("torch", "FloatStorage"), op_dict({"name": op_int(0)})),
-                "sets the state of a _StorageType (BUILD)", error=UnsafeCheckpointError),
+                "sets the state of a storage type (BUILD)", error=UnsafeCheckpointError),
     pickle_case("build_on_tensor_record", build_on(op_tensor(), op_dict({"offset": op_int(-1)})),
-                "sets the state of a _TensorRecord (BUILD)", error=UnsafeCheckpointError),
+                "sets the state of a tensor (BUILD)", error=UnsafeCheckpointError),
     pickle_case("build_slots_on_ordered_dict", build_on(op_call("collections", "OrderedDict"),
                                                         b"N" + op_dict({"x": op_int(1)}) + b"\x86"),
                 "sets the state of a OrderedDict (BUILD)", error=UnsafeCheckpointError),
@@ -479,7 +490,10 @@ SAFETENSORS_CASES = [
             header=one_tensor("C64", (2,))),
     st_case("float8_dtype", "tensor 'w' has dtype 'F8_E4M3', which is not a weight dtype",
             header=one_tensor("F8_E4M3", (16,))),
-    st_case("float64_dtype", "tensor 'w' has dtype 'F64'", header=one_tensor("F64", (2,))),
+    st_case("float64_dtype", "tensor 'w' has dtype 'F64', which is not a weight dtype of a safetensors file (F32, "
+            "F16, BF16, or an integer or BOOL buffer; save float64 weights as F32)", header=one_tensor("F64", (2,))),
+    st_case("long_key_name_bounded", "tensor 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk ...' "
+            "has dtype 'C64'", header={"k" * 1_000_000: one_tensor("C64", (2,))["w"]}),
     st_case("negative_shape", f"tensor 'w' has shape [-4], not a list of at most 32 integers in [0, {2**31 - 1}]",
             header=one_tensor(shape=(-4,))),
     st_case("dimension_over_mlx_limit", f"tensor 'w' has shape [{2**31}, 0]", header=one_tensor(
@@ -673,3 +687,149 @@ def test_reading_hostile_files_runs_no_code(tmp_path):
     assert result["outcomes"][str(legitimate)] == "loaded"
     assert all(result["outcomes"][str(p)] in ("CheckpointError", "UnsafeCheckpointError") for p in paths[1:])
     assert not (tmp_path / "pwned").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Messages: said once, in the user's words, bounded; float64 that does not fit float32
+# ----------------------------------------------------------------------------------------------------------------
+
+def legacy_pth(folder: Path) -> Path:
+    path = folder / "c.pth"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def renamed_safetensors(folder: Path) -> Path:
+    safetensors_file(folder, one_tensor())
+    return (folder / "c.safetensors").rename(folder / "c.pth")
+
+
+NOT_A_ZIP = {"legacy": legacy_pth, "random-bytes": lambda d: written(d / "c.pth", bytes(range(256)) * 8),
+             "safetensors-renamed": renamed_safetensors, "empty": lambda d: written(d / "c.pth", b"")}
+
+
+@pytest.mark.parametrize("make", list(NOT_A_ZIP.values()), ids=list(NOT_A_ZIP))
+def test_not_a_zip_is_said_once(make, tmp_path):
+    path = make(tmp_path)
+    before = files_under(tmp_path)
+    message = str(pytest.raises(CheckpointError, read_state_dict, path).value)
+    assert message.startswith(f"{path}: not a readable PyTorch zip checkpoint (truncated, corrupt, or the legacy "
+                              "pre-1.6 format)"), message
+    assert message.count("not a readable PyTorch zip checkpoint") == 1 and "\n" not in message, message
+    assert files_under(tmp_path) == before
+
+
+UNSUPPORTED_TENSORS = {
+    "sparse": lambda: torch.eye(2).to_sparse(),
+    "sparse-csr": lambda: torch.eye(2).to_sparse_csr(),
+    "meta": lambda: torch.empty(2, device="meta"),
+    "quantized": lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's own: beta sparse CSR, deprecated quantization
+@pytest.mark.parametrize("make", list(UNSUPPORTED_TENSORS.values()), ids=list(UNSUPPORTED_TENSORS))
+def test_tensors_without_dense_storage_are_named_not_suspected(make, tmp_path):
+    """What torch.save writes for sparse, meta and quantized tensors is refused as unsupported, not as code."""
+    path = torch_zip(tmp_path / "c.pth", {"w": make()})
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(path)
+    message = str(caught.value)
+    assert type(caught.value) is CheckpointError, message  # not UnsafeCheckpointError: nothing suspicious
+    assert re.fullmatch(rf"{re.escape(str(path))}: it holds a tensor rebuilt by torch\._utils\._rebuild_\w+: sparse, "
+                        r"quantized, nested and meta tensors are not supported; save the dense tensors", message)
+
+
+def test_float64_weights_that_fit_float32_load_and_others_are_refused_without_a_warning(tmp_path):
+    """float64 values within float32's range load rounded to float32; inf and NaN are kept (the weight checks name
+    them); a finite value beyond float32's range is refused in one line, and numpy never warns on stderr."""
+    import warnings
+
+    big = float(np.finfo(np.float32).max)
+    values = torch.tensor([big, -1.5, float("inf"), float("nan"), 1e-300], dtype=torch.float64)
+    path = torch_zip(tmp_path / "ok.pth", {"w": values})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = np.array(read_state_dict(path)["w"])
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, np.array([big, -1.5, np.inf, np.nan, 0.0], np.float32))
+    path = torch_zip(tmp_path / "big.pth", {"w": torch.tensor([1.0, -2 * big], dtype=torch.float64)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        message = refusal(lambda: read_state_dict(path), CheckpointError)
+    assert message == f"{path}: tensor 'w': it holds values up to {2 * big:.6g}, beyond float32's range ({big:.6g})"
+
+
+def test_weight_problems_bound_key_names(tmp_path):
+    """A 1 MB key name appears cut to a few dozen characters in every message about the weights."""
+    from starflow_mlx.weights import KeyMap, check_state_dict
+
+    import mlx.core as mx
+
+    long = "k" * 1_000_000
+    message = refusal(lambda: check_state_dict({"w": (2,)}, {long: mx.zeros(2)}, "src"), CheckpointError)
+    assert message.startswith("src: 2 problem(s) with the weights: missing key 'w' (expected shape [2]); "
+                              "unexpected key 'kkkk") and len(message) < 300, message[:400]
+    renames = KeyMap([("a.{rest}", "{rest}")])
+    message = refusal(lambda: renames.rename({long: mx.zeros(1), "a." + long: mx.zeros(1)}, "src"), CheckpointError)
+    assert message.startswith("src: keys 'kkkk") and "both stand for 'kkkk" in message and len(message) < 400
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convert t5: the tokenizer model and the encoder keys
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_t5(tmp_path_factory):
+    """A tiny Hugging Face T5 folder (config.json, spiece.model, tokenizer_config.json) and its encoder's state."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_t5 import _hf_config, _write_tokenizer, train_spiece
+
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(_hf_config())
+    folder = tmp_path_factory.mktemp("hf-t5")
+    model.config.to_json_file(folder / "config.json")
+    _write_tokenizer(folder, train_spiece())
+    return folder, dict(model.state_dict())
+
+
+def _t5_source(hf_t5, tmp_path: Path, state: dict, spiece: bytes | None = None) -> Path:
+    folder, _ = hf_t5
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "spiece.model"):
+        (src / name).write_bytes((folder / name).read_bytes())
+    if spiece is not None:
+        (src / "spiece.model").write_bytes(spiece)
+    torch.save(state, src / "pytorch_model.bin")
+    return src
+
+
+Q = "block.0.layer.0.SelfAttention.q.weight"
+T5_SOURCE_CASES = {
+    "spiece-empty": (lambda state: state, b"", "spiece.model: not a SentencePiece model: it is empty"),
+    "spiece-garbage": (lambda state: state, b"not a model", "spiece.model: not a SentencePiece model: INTERNAL"),
+    "bare-then-prefixed-key": (lambda state: {Q: state["encoder." + Q], **state}, None,
+                               f"src: keys '{Q}' and 'encoder.{Q}' both stand for the weight "
+                               f"'encoder.{Q}'"),
+    "prefixed-then-bare-key": (lambda state: {**state, Q: state["encoder." + Q]}, None,
+                               f"src: keys 'encoder.{Q}' and '{Q}' both stand for the weight "
+                               f"'encoder.{Q}'"),
+}
+
+
+@pytest.mark.parametrize("change, spiece, expected", list(T5_SOURCE_CASES.values()), ids=list(T5_SOURCE_CASES))
+def test_convert_t5_refuses_bad_tokenizer_and_duplicate_keys(hf_t5, change, spiece, expected, tmp_path, capfd,
+                                                            caplog):
+    """One line, exit 2, no output, and nothing from sentencepiece or absl on the process's stderr (fd 2)."""
+    from starflow_mlx.cli import main
+
+    src = _t5_source(hf_t5, tmp_path, change(hf_t5[1]), spiece)
+    before = files_under(tmp_path)
+    capfd.readouterr()
+    assert main(["convert", "t5", str(src), str(tmp_path / "out")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and expected in errors[0], errors
+    assert capfd.readouterr().err == ""
+    assert files_under(tmp_path) == before

@@ -664,6 +664,11 @@ CONVERTER_CASES = {
     "sd-widths-scalar": ("sd-vae", {**SD_CONFIG, "block_out_channels": 8}, "block_out_channels must be a list"),
     "sd-block-types": ("sd-vae", {**SD_CONFIG, "down_block_types": 5}, "down_block_types 5 is not supported"),
     "sd-act": ("sd-vae", {**SD_CONFIG, "act_fn": "gelu"}, "act_fn 'gelu' is not supported"),
+    "sd-class-wan": ("sd-vae", WAN_CONFIG, "_class_name is 'AutoencoderKLWan', not 'AutoencoderKL': not the config "
+                                           "of an SD VAE (for a pipeline, pass its vae/ folder)"),
+    "sd-class-pipeline": ("sd-vae", {**SD_CONFIG, "_class_name": "StableDiffusionPipeline"},
+                          "_class_name is 'StableDiffusionPipeline', not 'AutoencoderKL'"),
+    "sd-class-long": ("sd-vae", {**SD_CONFIG, "_class_name": "x" * 100_000}, "_class_name is 'xxxxx"),
     "sd-over-cap": ("sd-vae", {**SD_CONFIG, "block_out_channels": [4096] * 8, "layers_per_block": 32,
                                "norm_num_groups": 32}, "SDVAEConfig describes a model of"),
 }
@@ -677,10 +682,30 @@ def test_converter_refuses_config_before_reading_weights(kind, config, expected,
     out = tmp_path / "out"
     assert main(["convert", kind, *argv, str(out)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert len(errors) == 1 and "\n" not in errors[0] and len(errors[0]) < 1000, errors[0][:2000]
     assert errors[0].startswith(f"error: {tmp_path / 'src'}") and expected in errors[0], errors[0]
     assert "Traceback" not in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no hidden temporary folder
+
+
+@pytest.mark.parametrize("z_dim", [16, 32])
+def test_wan_checkpoint_of_another_z_dim_gets_advice_the_user_can_follow(z_dim, tmp_path, caplog):
+    """The original Wan .pth carries no latent statistics; for another z_dim the error names what the user can
+    do (the CLI has no option for them)."""
+    torch = pytest.importorskip("torch")
+    from starflow_mlx.cli import main
+
+    path = tmp_path / "Wan_VAE.pth"
+    torch.save({"encoder.conv1.weight": torch.zeros(16, 12, 3, 3, 3), "decoder.head.2.weight": torch.zeros(12, 24, 3, 3, 3),
+                "conv2.weight": torch.zeros(z_dim, z_dim, 1, 1, 1)}, path)
+    assert main(["convert", "wan-vae", str(path), str(tmp_path / "out")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"error: {path}: z_dim is {z_dim}, not Wan2.2's 48, so the built-in latent mean/std do not apply; convert "
+        "this VAE's diffusers folder instead (its config.json holds them), or pass latents_mean and latents_std to "
+        "starflow_mlx.convert.wan_vae.convert_wan_vae from Python"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Wan_VAE.pth"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

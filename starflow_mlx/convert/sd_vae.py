@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from ..sd_vae import ALIASES, SDVAE, SDVAEConfig
 from ..checkpoint import CheckpointError, read_state_dict
-from ..config import read_json_object
+from ..config import read_json_object, shown
 from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
@@ -69,6 +69,12 @@ def _locate(src: Path, config: str | os.PathLike | dict | None) -> tuple[Path, S
 
 
 def _architecture(diffusers_config: dict, source) -> SDVAEConfig:
+    class_name = diffusers_config.get("_class_name", "AutoencoderKL")  # absent from hand-written configs
+    if class_name != "AutoencoderKL":
+        raise CheckpointError(
+            f"{source}: _class_name is {shown(class_name)}, not 'AutoencoderKL': not the config of an SD VAE (for a "
+            "pipeline, pass its vae/ folder)"
+        )
     try:
         return SDVAEConfig.from_diffusers(diffusers_config)
     except ValueError as e:

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from ..config import MAX_TOKENIZER_BYTES, check_value, read_file_bytes, read_json_object, shown
 from ..t5 import HF_NAMES, T5Config, T5Encoder
+from ..tokenizer import check_vocabulary, sentencepiece_model
 from ..checkpoint import CheckpointError, read_state_dict
 from ..weights import check_state_dict, shard_files
 from .common import add_output_arguments, check_output, write_converted
@@ -91,16 +92,19 @@ def _weight_files(src: Path) -> list[Path]:
     )
 
 
-def _normalize_keys(state: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Bring every key into the ``encoder.*`` namespace and resolve the tied embedding."""
+def _normalize_keys(state: dict[str, mx.array], source: Path) -> dict[str, mx.array]:
+    """Bring every key into the ``encoder.*`` namespace and resolve the tied embedding. A bare ``T5Stack`` key and
+    its ``encoder.*`` form are two weights for one: refused, as keeping either would drop the other silently."""
     out = {}
     for key, value in state.items():
         if _ignored(key):
             continue
-        if key == "shared.weight" or key.startswith("encoder."):
-            out[key] = value
-        else:  # a bare T5Stack state dict
-            out["encoder." + key] = value
+        name = key if key == "shared.weight" or key.startswith("encoder.") else "encoder." + key
+        if name in out:
+            other = name if name != key else name.removeprefix("encoder.")
+            raise CheckpointError(f"{source}: keys {shown(other)} and {shown(key)} both stand for the weight "
+                                  f"{shown(name)}")
+        out[name] = value
     shared = out.pop("shared.weight", None)
     if "encoder.embed_tokens.weight" not in out and shared is not None:
         out["encoder.embed_tokens.weight"] = shared
@@ -117,17 +121,7 @@ def _tokenizer_files(src: Path, config: T5Config) -> tuple[dict[str, bytes], int
         where = src / "tokenizer_config.json"
         extra_ids = read_json_object(where).get("extra_ids", extra_ids)
         check_value(extra_ids, int, f"{where}: extra_ids", {"min": 0, "max": config.vocab_size})
-    import sentencepiece as spm
-
-    try:
-        pieces = spm.SentencePieceProcessor(model_proto=files["spiece.model"]).get_piece_size()
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError with its own message
-        raise CheckpointError(f"{spiece}: not a readable SentencePiece model: {e}") from None
-    if pieces + extra_ids > config.vocab_size:
-        raise CheckpointError(
-            f"{spiece}: {pieces} pieces + {extra_ids} extra ids exceed the model's vocab_size {config.vocab_size}; "
-            "is this the tokenizer of this model?"
-        )
+    check_vocabulary(sentencepiece_model(files["spiece.model"], spiece), extra_ids, config.vocab_size, spiece)
     return files, extra_ids
 
 
@@ -153,7 +147,7 @@ def convert_t5(
         for key, value in read_state_dict(path).items():
             if not _ignored(key):
                 state[key] = value
-    state = _normalize_keys(state)
+    state = _normalize_keys(state, src)
 
     model = T5Encoder(config)
     expected = {HF_NAMES.to_checkpoint(k): v.shape for k, v in tree_flatten(model.parameters())}

@@ -96,8 +96,9 @@ def _config_from_original(sd: dict, src, latents_mean, latents_std, arch: dict) 
         )
     if z != 48 and (latents_mean is None or latents_std is None):
         raise ValueError(
-            f"{src}: z_dim is {z}, not Wan2.2's 48, so the built-in latent mean/std do not apply; pass latents_mean "
-            "and latents_std"
+            f"{src}: z_dim is {z}, not Wan2.2's 48, so the built-in latent mean/std do not apply; convert this VAE's "
+            "diffusers folder instead (its config.json holds them), or pass latents_mean and latents_std to "
+            "starflow_mlx.convert.wan_vae.convert_wan_vae from Python"
         )
     try:
         return WanVAEConfig(
