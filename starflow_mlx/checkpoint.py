@@ -265,7 +265,10 @@ _KINDS = {_TensorRecord: "a tensor", _TorchDtype: "a dtype", _StorageType: "a st
 
 
 def _kind(value) -> str:
-    return _KINDS.get(type(value), f"a {type(value).__name__}")
+    if type(value) in _KINDS:
+        return _KINDS[type(value)]
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _describe(value) -> str:
