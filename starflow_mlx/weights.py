@@ -5,10 +5,11 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
 - ``check_output_folder`` / ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each,
   ``model-0000i-of-0000N``) and a ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder
   and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
-  when it holds a source.
+  when it holds a source. What a killed conversion left beside it is removed only when its marker proves it ours.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
-- ``shard_files``: the shard files a ``*.index.json`` names (ours or a checkpoint's), each a plain file name inside
-  the index's folder; used by ``read_model_folder`` and every converter that reads a sharded checkpoint.
+- ``shard_files`` / ``file_in_folder``: the shard files a ``*.index.json`` names (ours or a checkpoint's), and any
+  file a source folder names (a T5's tokenizer files), each a regular file still inside the folder once links are
+  resolved; used by ``read_model_folder`` and every converter that reads a folder.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
   between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
   ``t5.HF_NAMES``, ...).
@@ -25,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
@@ -45,8 +47,17 @@ CONFIG_NAME = "config.json"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # The model_type of every folder starflow-mlx writes: the CLI's convert kinds and the pipeline folder.
 MODEL_TYPES = ("flow", "t5", "wan-vae", "sd-vae", "pipeline")
-# Written into folders by macOS Finder: not the user's data, so it does not stop a model folder being replaced.
+# The tokenizer files a T5 folder carries beside its weights (``convert.t5`` copies those its source has): the only
+# other files a model folder may hold, whatever its config.json lists.
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Files macOS Finder writes into folders: not the user's data (when they are files), so they do not stop a model
+# folder being replaced.
 IGNORED_NAMES = (".DS_Store",)
+# Written first into every folder a conversion makes beside OUT, and into OUT just before it is moved aside: what
+# proves that a hidden folder named like ours is ours (a user may well keep a ".models.old-2024..." backup), so that
+# tidying never removes or restores anything else. Removed from OUT once it is in place.
+MARKER_NAME = ".starflow-mlx-conversion"
+MAX_MARKER_BYTES = 4096
 # The longest suffix of the hidden folders beside OUT while it is written, ".OUT.tmp-<pid>-<random>" and
 # ".OUT.old-<pid>-<random>" (Linux pids are below 2**22).
 LEFTOVER_SUFFIX_LONGEST = ".old-4194304-00000000"
@@ -176,11 +187,11 @@ def check_output_folder(
     """``out_dir`` as an absolute Path, once writing it is safe: what a converter checks before reading anything.
 
     Refused whatever ``overwrite`` says: a path under a file, a name too long for the hidden folders beside it, a
-    symbolic link (never followed, so its target is never replaced behind the user's back), one of ``sources`` or
-    a folder holding one (writing or replacing it could delete what is being read), an existing file, and an
-    existing folder that is not a model folder of ours (``model_folder_problem``). An existing model folder is
-    replaced only with ``overwrite``. Before that, what killed conversions to the same path left beside it is
-    tidied (``_tidy_leftovers``).
+    symbolic link (never followed, so its target is never replaced behind the user's back), a path through a loop
+    of links, one of ``sources`` or a folder holding one (writing or replacing it could delete what is being read),
+    an existing file, and an existing folder that is not a model folder of ours (``model_folder_problem``). An
+    existing model folder is replaced only with ``overwrite``. Before that, what killed conversions to the same
+    path left beside it is tidied (``_tidy_leftovers``).
     """
     out = _absolute(out_dir)
     try:
@@ -195,7 +206,7 @@ def check_output_folder(
 
 def _absolute(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).absolute()
-    return out.resolve() if out.name in ("", "..") else out  # "/" or a trailing "..": the folder it names
+    return real_path(out) if out.name in ("", "..") else out  # "/" or a trailing "..": the folder it names
 
 
 def _check_path(out: Path) -> None:
@@ -229,9 +240,9 @@ def _check_not_a_source(out: Path, sources: Iterable[str | os.PathLike]) -> None
     """Writing or replacing ``out`` must never delete a source: it may neither be one nor hold one (compared by real
     path, so links and ``..`` hide nothing). A new folder inside a source folder is fine: the converters read named
     files there, and an existing subfolder that holds sources is not a model folder of ours, so never replaced."""
-    real = out.resolve()
+    real = real_path(out)
     for source in sources:
-        source_real = Path(source).resolve()
+        source_real = real_path(Path(source), CheckpointError)
         if source_real == real:
             raise OutputFolderError(f"{out}: is the source {source} itself; choose another output folder")
         if real in source_real.parents:
@@ -239,6 +250,17 @@ def _check_not_a_source(out: Path, sources: Iterable[str | os.PathLike]) -> None
                 f"{out}: holds the source {source}, which writing the output there could delete; choose an output "
                 "folder outside it"
             )
+
+
+def real_path(path: Path, error: type[ValueError] = OutputFolderError) -> Path:
+    """``path`` with every link and ``..`` resolved; a loop of links, or anything else that stops the system
+    resolving it, is one ``error`` naming ``path``."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # how Python 3.11 reports a loop
+        raise error(f"{path}: cannot be followed: it, or a folder above it, is a loop of symbolic links") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be followed: {e.strerror or e}") from None
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -259,22 +281,35 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` may hold the user's data, so that nothing may replace it; None when it is empty or a model
     folder of ours: a ``config.json`` with a known ``model_type`` and our ``converter_version`` and ``source``, and
-    nothing but the files a model folder has (the weights, their index and the companions config.json lists)."""
-    names = sorted(p.name for p in folder.iterdir() if p.name not in IGNORED_NAMES)
-    if not names:
+    nothing but the regular files (never links, folders or FIFOs) that ``_is_own_file`` accepts. Finder's files
+    (``IGNORED_NAMES``) do not count, but only when they are regular files too."""
+    entries = sorted((p for p in folder.iterdir() if not (p.name in IGNORED_NAMES and _is_regular_file(p))),
+                     key=lambda p: p.name)
+    if not entries:
         return None
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None:
         return f"no {CONFIG_NAME} written by starflow-mlx"
-    own = {CONFIG_NAME, INDEX_NAME, *_companion_files(meta)}
-    foreign = [
-        name for name in names
-        if not (name in own or SHARD_NAME.fullmatch(name)) or not (folder / name).is_file()
-        or (folder / name).is_symlink()
-    ]
+    foreign = [p.name for p in entries if not (_is_own_file(p.name, meta) and _is_regular_file(p))]
     if foreign:
         return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
     return None
+
+
+def _is_own_file(name: str, meta: dict) -> bool:
+    """Whether a model folder whose ``config.json`` says ``meta`` writes a file called ``name``: the config, the
+    weights and their index, the tokenizer files it lists, and the marker of a conversion killed while moving it."""
+    return name in (CONFIG_NAME, INDEX_NAME, MARKER_NAME) or bool(SHARD_NAME.fullmatch(name)) or (
+        name in _companion_files(meta)
+    )
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A regular file itself, not a link to one (nor a folder, FIFO or device)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _our_config(path: Path) -> dict | None:
@@ -291,9 +326,11 @@ def _our_config(path: Path) -> dict | None:
 
 
 def _companion_files(meta: dict) -> list[str]:
+    """The tokenizer files ``config.json`` lists, among those a model folder may have (a tampered list could
+    otherwise make any file of the user's count as ours)."""
     tokenizer = meta.get("tokenizer")
     files = tokenizer.get("files") if isinstance(tokenizer, dict) else None
-    return [name for name in files if isinstance(name, str)] if isinstance(files, list) else []
+    return [name for name in TOKENIZER_FILES if name in files] if isinstance(files, list) else []
 
 
 def _is_complete(folder: Path) -> bool:
@@ -311,47 +348,101 @@ def _is_complete(folder: Path) -> bool:
 # ---- what a killed conversion leaves beside OUT, and the locks that tell it from a running one ----
 
 
-def _leftovers(out: Path) -> list[tuple[Path, str]]:
-    """The hidden folders of conversions to ``out`` beside it and their kind ("tmp" or "old"), newest first (the
-    names of earlier versions too, which had no pid)."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+-)?[0-9a-f]{{8}}")
-    matches = [pattern.fullmatch(p.name) for p in out.parent.iterdir()] if out.parent.is_dir() else []
-    found = [(out.parent / m.group(0), m.group(1)) for m in matches if m]
-    return sorted(found, key=lambda found: found[0].lstat().st_mtime, reverse=True)
+def _leftovers(out: Path) -> list[tuple[Path, str, int]]:
+    """The folders beside ``out`` named like those of a conversion to it, ``.OUT.(tmp|old)-<pid>-<random>``, with
+    their kind ("tmp" or "old") and pid, newest first. Real folders only: a conversion never makes a file, FIFO or
+    link there, so none is ever looked into."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d{{1,7}})-[0-9a-f]{{8}}")
+    found = []
+    with os.scandir(out.parent) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and entry.is_dir(follow_symlinks=False):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path), match[1], int(match[2])))
+    return [(path, kind, pid) for _, path, kind, pid in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
 def _tidy_leftovers(out: Path) -> None:
     """Tidy what conversions to ``out`` that were killed (SIGKILL, a crash, power loss) left beside it.
 
-    A temporary folder is incomplete by definition: removed. A folder moved aside is the model ``out`` held
-    before: if ``out`` is missing (the run died between its two renames) the newest complete one is put back,
-    since it is the user's model and the run that would have replaced it never finished; otherwise it is what a
-    finished conversion replaced: removed. While a conversion to ``out`` is running (it holds its folders locked),
-    nothing is touched and this one is refused: two runs replacing one folder could lose the model it held.
+    Only a folder that holds the marker of a conversion to ``out`` (``MARKER_NAME``: its kind, the pid in its name
+    and ``out``'s name) is ours; any other is the user's, whatever its name, and is left alone (and logged). A
+    temporary folder is incomplete by definition: removed. A folder moved aside is the model ``out`` held before:
+    if ``out`` is missing (the run died between its two renames) the newest complete one is put back, since it is
+    the user's model and the run that would have replaced it never finished; otherwise it is what a finished
+    conversion replaced: removed. While a conversion to ``out`` is running (it holds its folders locked), nothing
+    is touched and this one is refused: two runs replacing one folder could lose the model it held.
     """
     leftovers = _leftovers(out)
-    running = [path.name for path, _ in leftovers if _is_locked(path)]
+    running = [path.name for path, _, _ in leftovers if _is_locked(path)]
     if running:
         raise OutputFolderError(
             f"{out}: another conversion is writing it ({', '.join(running)}); wait for it to finish or stop it"
         )
-    for path, kind in leftovers:
-        if kind == "old" and not out.exists() and _is_complete(path):
+    for path, kind, pid in leftovers:
+        if not _holds_marker(path, _marker(kind, pid, out)):
+            _report_once(path)
+        elif kind == "old" and not os.path.lexists(out) and _is_complete(path):
             os.rename(path, out)
+            (out / MARKER_NAME).unlink()
             log.warning("%s: restored from %s, where a killed conversion had moved it aside", out, path.name)
         else:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            _remove_ours(path)
             log.warning("%s: removed, left behind by a killed conversion", path)
+
+
+# The folders named like leftovers but not ours that were reported: a converter checks its output folder twice.
+_reported: set[Path] = set()
+
+
+def _report_once(path: Path) -> None:
+    if path not in _reported:
+        _reported.add(path)
+        log.warning("%s: left alone: named like what a killed conversion leaves, but not marked as one", path)
+
+
+def _marker(kind: str, pid: int, out: Path) -> dict:
+    """What the marker of a ``kind`` folder made by process ``pid`` for ``out`` holds."""
+    return {"written_by": "starflow-mlx", "kind": kind, "pid": pid, "out": out.name}
+
+
+def _write_marker(folder: Path, kind: str, out: Path) -> None:
+    (folder / MARKER_NAME).write_text(json.dumps(_marker(kind, os.getpid(), out)))
+
+
+def _holds_marker(folder: Path, marker: dict) -> bool:
+    """Whether ``folder`` holds ``marker`` as a regular file (so reading it never follows a link or blocks)."""
+    path = folder / MARKER_NAME
+    if not _is_regular_file(path):
+        return False
+    try:
+        return read_json_object(path, MAX_MARKER_BYTES) == marker
+    except ValueError:  # unreadable, not JSON: not ours
+        return False
+
+
+def _remove_ours(folder: Path) -> None:
+    """Remove a folder of ours, its marker last, so that a removal cut short leaves it still marked as ours."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name == MARKER_NAME:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+    (folder / MARKER_NAME).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 @contextlib.contextmanager
 def _locked(folder: Path):
     """Hold an exclusive lock on ``folder`` (on its inode: it follows the folder through renames); the system drops
-    it when the process dies, however it dies, which is how ``_tidy_leftovers`` tells a killed run from a live one."""
-    fd = os.open(folder, os.O_RDONLY)
+    it when the process dies, however it dies, which is how ``_tidy_leftovers`` tells a killed run from a live one.
+    Opened as a folder only, never through a link and never waiting (a FIFO would block an ordinary open)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -368,6 +459,8 @@ def _is_locked(path: Path) -> bool:
             return False
     except OutputFolderError:
         return True
+    except OSError:  # not a folder that can be opened: no conversion of ours holds it
+        return False
 
 
 # ---- writing ----
@@ -386,11 +479,13 @@ def write_model_folder(
     path.
 
     ``out_dir`` is checked first (``check_output_folder``). Everything is written into ``.OUT.tmp-<pid>-<random>``
-    beside it, locked while this process lives so that no other run takes it for a leftover, and renamed into
-    place at the end; an existing model folder is moved aside to ``.OUT.old-<pid>-<random>`` only then, and deleted
-    once the new one is in place. Any failure (Ctrl-C and the CLI's SIGTERM included) removes the temporary folder
-    and the parent folders this call created and puts the old folder back, so ``out_dir`` is either complete or as
-    it was. A failure to write (disk full, read-only, name too long) is an ``OutputFolderError`` naming ``out_dir``.
+    beside it, marked as ours (``MARKER_NAME``) and locked while this process lives so that no other run takes it
+    for a leftover, and renamed into place at the end; an existing model folder is marked and moved aside to
+    ``.OUT.old-<pid>-<random>`` only then, and deleted once the new one is in place (the marker goes last, so that a
+    run killed meanwhile leaves folders the next run can prove are its own). Any failure (Ctrl-C and the CLI's
+    SIGTERM included) removes the temporary folder and the parent folders this call created and puts the old folder
+    back, so ``out_dir`` is either complete or as it was. A failure to write (disk full, read-only, name too long)
+    is an ``OutputFolderError`` naming ``out_dir``.
     """
     out = check_output_folder(out_dir, overwrite)
     missing_parents = [p for p in reversed(out.parents) if not p.exists()]
@@ -400,10 +495,12 @@ def write_model_folder(
             folder.mkdir()
         tmp.mkdir()
         with _locked(tmp):
+            _write_marker(tmp, "tmp", out)  # under the lock: a marked folder is never taken for a killed run's
             _write_files(tmp, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
             _put_in_place(tmp, out, overwrite)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_ours(tmp)
         for folder in reversed(missing_parents):
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -441,23 +538,28 @@ def _save_shard(path: Path, shard: dict[str, mx.array]) -> None:
 
 
 def _put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``. An existing ``out``, checked again (the conversion took a while), is moved aside,
-    locked so that a concurrent run does not take it for a leftover, put back if the rename fails, and deleted
-    once the new folder is in place."""
+    """Rename ``tmp`` to ``out`` and take its marker out. An existing ``out``, checked again (the conversion took a
+    while), is marked and moved aside, locked so that a concurrent run does not take it for a leftover, put back
+    if the rename fails, and deleted once the new folder is in place."""
     _check_replaceable(out, overwrite)
     if not out.exists():
         os.rename(tmp, out)
+        (out / MARKER_NAME).unlink()
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with _locked(out):
         try:
+            _write_marker(out, "old", out)
             os.rename(out, old)
             os.rename(tmp, out)
         except BaseException:
             if old.exists() and not out.exists():
                 os.rename(old, out)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        finally:
+            (out / MARKER_NAME).unlink(missing_ok=True)  # the old folder's (put back) or the new one's
+        with contextlib.suppress(OSError):
+            _remove_ours(old)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -475,9 +577,8 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
 
     The index comes with the checkpoint, so its names are untrusted: ``weight_map`` must map names to names, and
     each shard must be a plain file name (no separator, ``..``, NUL or absolute path) with the suffix the index
-    name announces (``model.safetensors.index.json``: ``.safetensors``), an existing file that is still inside the
-    folder once symlinks are resolved. The one exception is the Hugging Face cache, whose ``snapshots/<revision>/``
-    files are links into the sibling ``blobs/`` folder.
+    name announces (``model.safetensors.index.json``: ``.safetensors``), a file inside the folder
+    (``file_in_folder``).
     """
     index = Path(index)
     try:
@@ -495,20 +596,30 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
 
 
 def _shard_path(index: Path, name: str, suffix: str) -> Path:
-    folder = index.parent
     plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
     if not plain or not name.endswith(suffix):
         raise CheckpointError(
             f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
         )
+    return file_in_folder(index.parent, name, "shard", index)
+
+
+def file_in_folder(folder: Path, name: str, what: str, named_by: str | os.PathLike) -> Path:
+    """``folder / name``, the ``what`` (e.g. "shard") that ``named_by`` names, once it is a regular file (links
+    followed) that is still inside ``folder`` once links are resolved, so that a source folder cannot make a
+    converter read (and copy into its output) a file from anywhere. The one exception is the Hugging Face cache,
+    whose ``snapshots/<revision>/`` files are links into the sibling ``blobs/`` folder. Every refusal is a
+    ``CheckpointError`` naming ``named_by``."""
     path = folder / name
+    real, allowed = real_path(path, CheckpointError), [real_path(folder, CheckpointError)]
+    if not path.exists():
+        raise CheckpointError(f"{named_by}: names the {what} {name}, which is missing")
     if not path.is_file():
-        raise CheckpointError(f"{index}: names the shard {name}, which is missing")
-    real, allowed = path.resolve(), [folder.resolve()]
+        raise CheckpointError(f"{named_by}: the {what} {name} is not a regular file")
     if allowed[0].parent.name == "snapshots":  # a Hugging Face cache snapshot: links into ../../blobs
         allowed.append(allowed[0].parent.parent / "blobs")
     if real.parent not in allowed:
-        raise CheckpointError(f"{index}: shard {name} links to {real}, outside the folder {folder}")
+        raise CheckpointError(f"{named_by}: {what} {name} links to {real}, outside the folder {folder}")
     return path
 
 

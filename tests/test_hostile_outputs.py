@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import types
@@ -36,7 +37,13 @@ from starflow_mlx.checkpoint import CheckpointError  # noqa: E402
 from starflow_mlx.cli import main as cli_main  # noqa: E402
 from starflow_mlx.convert.flow import convert_flow  # noqa: E402
 from starflow_mlx.flow import load_flow  # noqa: E402
-from starflow_mlx.weights import OutputFolderError, read_config, read_model_folder  # noqa: E402
+from starflow_mlx.weights import (  # noqa: E402
+    MARKER_NAME,
+    TOKENIZER_FILES,
+    OutputFolderError,
+    read_config,
+    read_model_folder,
+)
 from tests.helpers import finish_bounded, start_bounded  # noqa: E402
 from tests.test_converters import SOURCES, sd_model, t5_parts, wan_state  # noqa: E402,F401 (fixtures of SOURCES)
 
@@ -45,16 +52,20 @@ CONVERTER_MODULES = {"flow": "flow", "t5": "t5", "wan-vae": "wan_vae", "sd-vae":
 
 
 def snapshot(root: Path) -> dict:
-    """Every path under ``root`` (links not followed): a file's bytes, a link's target, or "folder"."""
+    """Every path under ``root`` (links not followed): a file's bytes, a link's target, "folder", or the type of
+    anything else (a FIFO is never opened)."""
     tree = {}
     for folder, folders, files in os.walk(root):
         for name in folders + files:
             path = Path(folder, name)
             key = str(path.relative_to(root))
-            if path.is_symlink():
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
                 tree[key] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                tree[key] = "folder" if stat.S_ISDIR(mode) else path.read_bytes()
             else:
-                tree[key] = "folder" if path.is_dir() else path.read_bytes()
+                tree[key] = ("special", stat.S_IFMT(mode))
     return tree
 
 
@@ -151,6 +162,85 @@ def test_a_new_folder_inside_a_source_folder_is_fine(tmp_path, request):
     assert {k: v for k, v in snapshot(src.root).items() if not k.startswith("mlx")} == before
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Paths through links: loops, and files a source folder names that link outside it
+# ----------------------------------------------------------------------------------------------------------------
+
+LOOPS = [(kind, "source") for kind in SOURCES] + [("flow", "yaml"), ("sd-vae", "config"), ("flow", "out-parent")]
+
+
+@pytest.mark.parametrize("kind, where", LOOPS, ids=[f"{kind}-{where}" for kind, where in LOOPS])
+def test_a_loop_of_links_anywhere_in_a_path_is_one_error(kind, where, tmp_path, request, capsys, caplog):
+    src = source(kind, tmp_path, request)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv, out, extra, named = list(src.argv), tmp_path / "out", [], loop
+    if where == "source":
+        argv[0] = str(loop)
+    elif where == "yaml":
+        argv[1] = str(loop)
+    elif where == "config":
+        extra = ["--config", str(loop)]
+    else:
+        out = named = loop / "out"
+    before = snapshot(tmp_path)
+
+    code, errors, text = run_cli(["convert", kind, *argv, str(out), *extra], capsys, caplog)
+
+    assert code == 2 and "Traceback" not in text
+    assert errors == [f"error: {named}: cannot be followed: it, or a folder above it, is a loop of symbolic links"]
+    assert snapshot(tmp_path) == before
+
+
+def _link_outside(path: Path, secret: Path) -> str:
+    path.symlink_to(secret)
+    return f"tokenizer file {path.name} links to {secret.resolve()}, outside the folder {path.parent}"
+
+
+def _folder_in_its_place(path: Path, secret: Path) -> str:
+    path.mkdir()
+    return f"the tokenizer file {path.name} is not a regular file"
+
+
+@pytest.mark.parametrize("make", [_link_outside, _folder_in_its_place], ids=["link-outside", "folder-in-its-place"])
+@pytest.mark.parametrize("name", TOKENIZER_FILES)
+def test_a_tokenizer_file_that_is_not_a_file_in_the_source_is_refused(name, make, tmp_path, request, capsys, caplog):
+    """A link to anywhere would be read and copied into the output (a disclosure): the rule of the weight shards."""
+    src = source("t5", tmp_path, request)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's private data")
+    (src.root / name).unlink(missing_ok=True)
+    words = make(src.root / name, secret)
+    before = snapshot(tmp_path)
+
+    code, errors, text = run_cli(["convert", "t5", *src.argv, str(tmp_path / "out")], capsys, caplog)
+
+    assert code == 2 and "Traceback" not in text
+    assert errors == [f"error: {src.root}: {words}"]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("layout", ["link-inside-the-folder", "hugging-face-cache"])
+def test_tokenizer_files_linked_inside_the_source_are_copied(layout, tmp_path, request):
+    from starflow_mlx.convert.t5 import convert_t5
+
+    cache = tmp_path / "models--flan-t5"
+    parent = cache / "snapshots" if layout == "hugging-face-cache" else tmp_path
+    parent.mkdir(parents=True, exist_ok=True)
+    src = source("t5", parent, request)
+    linked = src.root / "tokenizer_config.json"
+    data = linked.read_bytes()
+    target = cache / "blobs" / "0123abcd" if layout == "hugging-face-cache" else src.root / "original.json"
+    target.parent.mkdir(exist_ok=True)
+    linked.rename(target)
+    linked.symlink_to(os.path.relpath(target, src.root))
+
+    out = convert_t5(src.root, tmp_path / "out")
+
+    assert (out / linked.name).read_bytes() == data and not (out / linked.name).is_symlink()
+    assert linked.name in read_config(out)["tokenizer"]["files"]
+
+
 def out_is_a_file(tmp: Path, model: Path):
     (tmp / "out").write_text("the user's notes")
     return tmp / "out", "exists and is a file, not a model folder"
@@ -199,6 +289,36 @@ def out_is_a_model_folder_with_a_user_folder(tmp: Path, model: Path):
     return model, "is not a starflow-mlx model folder (it also holds old-weights)"
 
 
+def out_is_a_model_folder_with_a_folder_named_like_finders_file(tmp: Path, model: Path):
+    (model / ".DS_Store").mkdir()
+    (model / ".DS_Store" / "x").write_text("the user's data")
+    return model, "is not a starflow-mlx model folder (it also holds .DS_Store)"
+
+
+def out_is_a_model_folder_with_a_link_named_like_finders_file(tmp: Path, model: Path):
+    (tmp / "notes.txt").write_text("the user's notes")
+    (model / ".DS_Store").symlink_to(tmp / "notes.txt")
+    return model, "is not a starflow-mlx model folder (it also holds .DS_Store)"
+
+
+def _list_tokenizer_files(model: Path, files: list[str]) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tokenizer": {"extra_ids": 0, "files": files}}))
+
+
+def out_lists_a_user_file_as_a_tokenizer_file(tmp: Path, model: Path):
+    _list_tokenizer_files(model, ["thesis.tex"])
+    (model / "thesis.tex").write_text("the user's thesis")
+    return model, "is not a starflow-mlx model folder (it also holds thesis.tex)"
+
+
+def out_has_a_tokenizer_file_that_is_a_link(tmp: Path, model: Path):
+    _list_tokenizer_files(model, ["tokenizer.json"])
+    (tmp / "notes.json").write_text("{}")
+    (model / "tokenizer.json").symlink_to(tmp / "notes.json")
+    return model, "is not a starflow-mlx model folder (it also holds tokenizer.json)"
+
+
 def out_is_under_a_file(tmp: Path, model: Path):
     (tmp / "notes.txt").write_text("the user's notes")
     return tmp / "notes.txt" / "out", f"cannot be created: {tmp / 'notes.txt'} is a file, not a folder"
@@ -214,7 +334,9 @@ def out_name_is_too_long(tmp: Path, model: Path):
     [
         out_is_a_file, out_is_a_link_to_a_model_folder, out_is_a_link_to_a_file, out_is_a_dangling_link,
         out_is_a_folder_of_user_files, out_has_another_programs_config, out_is_a_model_folder_with_a_user_file,
-        out_is_a_model_folder_with_a_user_folder, out_is_under_a_file, out_name_is_too_long,
+        out_is_a_model_folder_with_a_user_folder, out_is_a_model_folder_with_a_folder_named_like_finders_file,
+        out_is_a_model_folder_with_a_link_named_like_finders_file, out_lists_a_user_file_as_a_tokenizer_file,
+        out_has_a_tokenizer_file_that_is_a_link, out_is_under_a_file, out_name_is_too_long,
     ],
     ids=lambda make: make.__name__,
 )
@@ -232,11 +354,17 @@ def test_output_that_may_hold_user_data_is_refused(make, overwrite, tiny_video, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("existing", ["model-folder", "model-folder-opened-in-finder", "empty-folder"])
+@pytest.mark.parametrize(
+    "existing", ["model-folder", "model-folder-opened-in-finder", "model-folder-with-tokenizer-files", "empty-folder"]
+)
 def test_overwrite_replaces_a_model_folder_and_only_with_overwrite(existing, tiny_video, model_folder, tmp_path):
     out = model_folder
     if existing == "model-folder-opened-in-finder":
         (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    elif existing == "model-folder-with-tokenizer-files":
+        _list_tokenizer_files(out, list(TOKENIZER_FILES))
+        for name in TOKENIZER_FILES:
+            (out / name).write_bytes(b"a tokenizer file")
     elif existing == "empty-folder":
         shutil.rmtree(out)
         out.mkdir()
@@ -437,6 +565,20 @@ def finish(proc: subprocess.Popen) -> tuple[int, list[str]]:
     return result.returncode, result.stderr.splitlines()
 
 
+@pytest.mark.parametrize("case", ["dev-zero", "fifo"])
+def test_a_wan_vae_source_that_is_neither_file_nor_folder(case, tmp_path):
+    """Not "no such file": it exists. In a subprocess: a converter that read it would never end (or fill memory)."""
+    path = Path("/dev/zero") if case == "dev-zero" else tmp_path / "Wan2.2_VAE.pth"
+    if case == "fifo":
+        os.mkfifo(path)
+    out = tmp_path / "out"
+
+    code, lines = finish(start_conversion(tmp_path / "ready", "plain", ["convert", "wan-vae", str(path), str(out)]))
+
+    assert (code, lines) == (2, [f"error: {path}: not a regular file or folder"])
+    assert not out.exists() and not leftovers(out)
+
+
 def test_a_write_limit_is_one_error_and_leaves_nothing(tiny_video, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -528,16 +670,20 @@ def _model_copy(tiny_video, path: Path, complete: bool = True) -> None:
         next(path.glob("*.safetensors")).unlink()
 
 
+def _mark(folder: Path, kind: str, pid: int = 4242, out: str = "out") -> None:
+    """The marker of a conversion's folder, spelled out here: its content is what proves the folder ours."""
+    (folder / MARKER_NAME).write_text(json.dumps({"written_by": "starflow-mlx", "kind": kind, "pid": pid, "out": out}))
+
+
 @pytest.mark.parametrize(
     "leftover, out_exists, restored",
     [
         (".out.tmp-4242-0123abcd", False, False),
-        (".out.tmp-0123abcd", False, False),  # the name earlier versions used
         (".out.old-4242-0123abcd", True, False),  # a finished run died deleting the folder it replaced
         (".out.old-4242-0123abcd", False, True),  # died between its two renames: the user's model comes back
         (".out.old-4242-0123abcd-incomplete", False, False),
     ],
-    ids=["tmp", "tmp-of-an-earlier-version", "old-beside-its-replacement", "old-complete", "old-incomplete"],
+    ids=["tmp", "old-beside-its-replacement", "old-complete", "old-incomplete"],
 )
 def test_leftovers_of_killed_runs_are_tidied(leftover, out_exists, restored, tiny_video, tmp_path, caplog):
     out = tmp_path / "out"
@@ -546,6 +692,7 @@ def test_leftovers_of_killed_runs_are_tidied(leftover, out_exists, restored, tin
     _model_copy(tiny_video, tmp_path / leftover, complete)
     (tmp_path / leftover / ".DS_Store").write_bytes(b"finder")
     expected_out = snapshot(tmp_path / leftover)
+    _mark(tmp_path / leftover, leftover[5:8])
     if out_exists:
         _model_copy(tiny_video, out)
         expected_out = snapshot(out)
@@ -556,11 +703,116 @@ def test_leftovers_of_killed_runs_are_tidied(leftover, out_exists, restored, tin
 
     assert not leftovers(out)
     if restored or out_exists:
-        assert snapshot(out) == expected_out
+        assert snapshot(out) == expected_out  # the marker taken out of the folder put back
         assert (f"{out}: restored from {leftover}" in caplog.text) == restored
     else:
         assert f"{tmp_path / leftover}: removed, left behind by a killed conversion" in caplog.text
         assert _same_weights(out, tiny_video.folder)
+
+
+def _user_folder(work: Path, name: str) -> list[str]:
+    (work / name).mkdir()
+    (work / name / "thesis.tex").write_text("the user's thesis")
+    return [name]
+
+
+def _user_file(work: Path, name: str) -> list[str]:
+    (work / name).write_text("the user's notes")
+    return []
+
+
+def _model_copy_beside(work: Path, name: str, tiny_video) -> list[str]:
+    _model_copy(tiny_video, work / name)
+    return [name]
+
+
+def _badly_marked(work: Path, **marker) -> list[str]:
+    """A folder named like a killed run's tmp whose marker is not that of a conversion to OUT by the pid named."""
+    folder = work / ".out.tmp-4242-0123abcd"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("the user's thesis")
+    _mark(folder, **{"kind": "tmp", **marker})
+    return [folder.name]
+
+
+def _marker_elsewhere(work: Path, make_marker) -> list[str]:
+    folder = work / ".out.tmp-4242-0123abcd"
+    folder.mkdir()
+    (work / "marked").mkdir()
+    _mark(work / "marked", "tmp")
+    make_marker(folder / MARKER_NAME, work / "marked" / MARKER_NAME)
+    return [folder.name]
+
+
+def _link_to_a_marked_folder(work: Path) -> list[str]:
+    (work / "precious").mkdir()
+    (work / "precious" / "a.txt").write_text("the user's data")
+    _mark(work / "precious", "tmp")
+    (work / ".out.tmp-4242-0123abcd").symlink_to(work / "precious")
+    return []  # not a folder: never looked into, so not reported either
+
+
+# Each makes, beside OUT, something of the user's that is named like a killed conversion's folder (or marked like
+# one) and returns the names that the run must report as left alone (those it cannot rule out by name and type).
+NOT_OURS = {
+    "dated-backup-folder": lambda work, tiny: _user_folder(work, ".out.old-20240101")[1:],  # no pid: not even a name
+    "backup-folder-named-with-a-pid": lambda work, tiny: _user_folder(work, ".out.old-4242-20240101"),
+    "file-named-like-a-tmp": lambda work, tiny: _user_file(work, ".out.tmp-12345678"),
+    "file-named-like-a-tmp-with-a-pid": lambda work, tiny: _user_file(work, ".out.tmp-4242-0123abcd"),
+    "complete-model-copy-named-like-an-old": lambda work, tiny: _model_copy_beside(work, ".out.old-cafebabe", tiny)[1:],
+    "complete-model-copy-named-with-a-pid": lambda work, tiny: _model_copy_beside(work, ".out.old-4242-cafebabe", tiny),
+    "marker-for-another-output": lambda work, tiny: _badly_marked(work, out="other"),
+    "marker-with-another-pid": lambda work, tiny: _badly_marked(work, pid=4243),
+    "marker-of-the-other-kind": lambda work, tiny: _badly_marked(work, kind="old"),
+    "marker-is-a-link": lambda work, tiny: _marker_elsewhere(work, lambda path, marker: path.symlink_to(marker)),
+    "marker-is-a-folder": lambda work, tiny: _marker_elsewhere(work, lambda path, marker: path.mkdir()),
+    "link-to-a-marked-folder": lambda work, tiny: _link_to_a_marked_folder(work),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_OURS))
+def test_what_is_not_provably_a_leftover_of_ours_is_left_alone(case, tiny_video, tmp_path, caplog):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    reported = NOT_OURS[case](work, tiny_video)
+    before = snapshot(work)
+    caplog.set_level(logging.WARNING)
+
+    convert_flow(tiny_video.checkpoint, tiny_video.yaml, out)  # OUT is missing: nothing is "restored" into it
+
+    assert _same_weights(out, tiny_video.folder) and MARKER_NAME not in os.listdir(out)
+    assert {k: v for k, v in snapshot(work).items() if k.split(os.sep)[0] != "out"} == before
+    for name in reported:
+        assert f"{work / name}: left alone: named like what a killed conversion leaves, but not marked as one" in (
+            caplog.text
+        )
+    assert caplog.text.count("left alone") == len(reported)  # once, although the output is checked twice
+    assert "removed" not in caplog.text and "restored" not in caplog.text
+
+
+def _fifo_marker(work: Path) -> None:
+    (work / ".out.tmp-4242-0123abcd").mkdir()
+    os.mkfifo(work / ".out.tmp-4242-0123abcd" / MARKER_NAME)
+
+
+@pytest.mark.parametrize(
+    "make, reported",
+    [(lambda work: os.mkfifo(work / ".out.tmp-1-deadbeef"), False), (_fifo_marker, True)],
+    ids=["fifo-named-like-a-tmp", "marker-is-a-fifo"],
+)
+def test_a_fifo_named_like_a_leftover_never_blocks_the_run(make, reported, tiny_video, tmp_path):
+    """Opening a FIFO for reading waits for a writer: a conversion that opened one would hang (here: time out)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    make(work)
+    before = snapshot(work)
+
+    code, lines = finish(start_conversion(tmp_path / "ready", "plain", [*flow_argv(tiny_video), str(work / "out")]))
+
+    assert code == 0 and lines[-1].startswith(f"wrote {work / 'out'} ")
+    assert any("left alone" in line for line in lines) == reported
+    assert {k: v for k, v in snapshot(work).items() if k.split(os.sep)[0] != "out"} == before
 
 
 # ----------------------------------------------------------------------------------------------------------------

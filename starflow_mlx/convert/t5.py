@@ -24,7 +24,7 @@ from ..config import MAX_TOKENIZER_BYTES, check_value, read_file_bytes, read_jso
 from ..t5 import HF_NAMES, T5Config, T5Encoder
 from ..tokenizer import check_vocabulary, sentencepiece_model
 from ..checkpoint import CheckpointError, read_state_dict
-from ..weights import check_state_dict, shard_files
+from ..weights import TOKENIZER_FILES, check_state_dict, file_in_folder, shard_files
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
@@ -32,8 +32,6 @@ CONVERTER_VERSION = "1"
 # Kept in full precision when quantizing: the embedding is a lookup table (quantizing it would only save memory
 # at the cost of every token's vector) and the relative bias is tiny.
 QUANT_SKIP = ("embed_tokens", "relative_attention_bias")
-
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Hugging Face T5Config defaults for the optional fields (its feed_forward_proj default is "relu", the original T5).
 _HF_OPTIONAL = {
@@ -112,10 +110,16 @@ def _normalize_keys(state: dict[str, mx.array], source: Path) -> dict[str, mx.ar
 
 
 def _tokenizer_files(src: Path, config: T5Config) -> tuple[dict[str, bytes], int]:
+    """The tokenizer files ``src`` has (``TOKENIZER_FILES``), to be copied into the output, and the number of extra
+    ids. Each must be a regular file inside ``src`` (``file_in_folder``): a link to anywhere else would copy that
+    file into the output."""
     spiece = src / "spiece.model"
-    if not spiece.is_file():
+    if not spiece.exists():
         raise CheckpointError(f"{src}: no spiece.model (the SentencePiece tokenizer of this T5 is required)")
-    files = {name: read_file_bytes(src / name, MAX_TOKENIZER_BYTES) for name in TOKENIZER_FILES if (src / name).exists()}
+    files = {
+        name: read_file_bytes(file_in_folder(src, name, "tokenizer file", src), MAX_TOKENIZER_BYTES)
+        for name in TOKENIZER_FILES if (src / name).exists()
+    }
     extra_ids = 100
     if "tokenizer_config.json" in files:
         where = src / "tokenizer_config.json"

@@ -210,7 +210,7 @@ def convert_wan_vae(
         source_format, names = "wan", original_names(cfg.num_res_blocks).then(DIFFUSERS_NAMES)
         sources = [src]
     else:
-        raise CheckpointError(f"{src}: no such file or folder")
+        raise CheckpointError(f"{src}: {'not a regular file or folder' if src.exists() else 'no such file or folder'}")
 
     # Our parameter shapes (the model is built lazily: nothing is allocated), mapped back to source names/shapes.
     model = WanVAE(cfg)
