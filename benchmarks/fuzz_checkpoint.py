@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--cases", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=5_000, help="cases per subprocess")
     parser.add_argument("--seed", type=int, default=0, help="the first batch's hypothesis seed")
+    parser.add_argument("--keep-dir", default=tempfile.gettempdir(), help="where a failing case's input is kept")
     args = parser.parse_args()
 
     outcomes, kinds, failures = Counter(), Counter(), []
@@ -38,7 +39,7 @@ def main():
             try:
                 result = run_in_subprocess(min(args.batch, args.cases - first), args.seed + batch, Path(workdir))
             except AssertionError as e:  # a crash or a broken rule: keep the input and go on
-                kept = REPO / f"fuzz_failure_{args.seed + batch}.pth"
+                kept = Path(args.keep_dir) / f"fuzz_failure_{args.seed + batch}.pth"
                 case = Path(workdir) / "last_case.pth"
                 if case.exists():
                     kept.write_bytes(case.read_bytes())

@@ -386,7 +386,11 @@ class _Unpickler:
     # -- opcodes -------------------------------------------------------------------------------------------------
 
     def _proto(self):
-        self._read(1)  # any protocol number: what matters is that only protocol-2 opcodes follow
+        # Only protocol-2 opcodes may follow whatever the number says, but a number no pickle module writes
+        # (Python refuses it too) is damage, not a file to guess at.
+        version = self._read(1)[0]
+        if version > pickle.HIGHEST_PROTOCOL:
+            raise self._malformed(f"unsupported pickle protocol {version}")
 
     def _global(self):
         module, name = self._line(), self._line()

@@ -280,8 +280,12 @@ def check_case(data: bytes, path: Path, audit: Audit | None) -> str:
         return "refused: " + outcome_kind(refusal[len(str(path)) + 2:])
     theirs, torch_refusal = torch_state(path)
     if theirs is not None:
-        assert same_values(ours, theirs), "we load values that differ from torch.load's"
-        return "loaded, equal to torch"
+        if same_values(ours, theirs):
+            return "loaded, equal to torch"
+        # torch 2.13 can return uninitialised memory for a damaged zip (different values on every load): then the
+        # file's own values, decoded independently, are the truth.
+        assert same_values(ours, reference_state(path)), "we load values that differ from torch.load's and the file's"
+        return "loaded, torch returns other values"
     assert same_values(ours, reference_state(path)), "torch refuses, and we load values the file does not hold"
     return "loaded, torch refuses: " + torch_refusal[:70]
 

@@ -432,6 +432,8 @@ PICKLE_CASES = [
                 "malformed checkpoint pickle: it ends before its STOP opcode (truncated)"),
     pickle_case("truncated_operand", b"\x80\x02X\xff\x00\x00\x00ab", "it ends inside an opcode's operand"),
     pickle_case("empty_pickle", b"", "it ends before its STOP opcode"),
+    pickle_case("unknown_protocol", b"\x80\x06" + state_pickle({"w": op_tensor()})[2:],
+                "malformed checkpoint pickle: unsupported pickle protocol 6"),  # found by the fuzz campaign
     pickle_case("stack_underflow", b"\x80\x02.", "an opcode needs more values than the stack holds"),
     pickle_case("setitems_without_mark", b"\x80\x02}u.", "an opcode needs a MARK that is not there"),
     pickle_case("memo_never_stored", b"\x80\x02h\x07.", "it refers to memo entry 7, which was never stored"),
