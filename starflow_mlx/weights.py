@@ -27,7 +27,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError, read_safetensors
-from .config import MAX_INDEX_BYTES, read_json_object, shown
+from .config import MAX_INDEX_BYTES, PIPELINE_PARTS, read_json_object, shown
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,16 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` may hold the user's data, so that nothing may replace it; None when it is empty or a model
     folder of ours: a ``config.json`` with a known ``model_type`` and our ``converter_version`` and ``source``, and
-    nothing but the files a model folder has (the weights, their index and the companions config.json lists)."""
+    nothing but the files a model folder has (the weights, their index and the companions config.json lists), or
+    for a pipeline folder the part folders (``_pipeline_folder_problem``)."""
     names = sorted(p.name for p in folder.iterdir() if p.name not in IGNORED_NAMES)
     if not names:
         return None
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None:
         return f"no {CONFIG_NAME} written by starflow-mlx"
+    if meta["model_type"] == "pipeline":
+        return _pipeline_folder_problem(folder, names)
     own = {CONFIG_NAME, INDEX_NAME, *_companion_files(meta)}
     foreign = [
         name for name in names
@@ -273,6 +276,28 @@ def model_folder_problem(folder: Path) -> str | None:
     ]
     if foreign:
         return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
+    return None
+
+
+def _pipeline_folder_problem(folder: Path, names: list[str]) -> str | None:
+    """A pipeline folder holds its config.json and part folders (``PIPELINE_PARTS``) and nothing else; each part
+    is a real folder (not a link, whose target is not ours to delete) that is empty or a model folder of ours of a
+    component kind (never another pipeline). A part may be missing: what is left is still ours."""
+    foreign = [name for name in names if name != CONFIG_NAME and name not in PIPELINE_PARTS]
+    if foreign:
+        return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
+    for name in names:
+        part = folder / name
+        if name == CONFIG_NAME:
+            continue
+        if part.is_symlink() or not part.is_dir():
+            return f"its part {name} is not a folder"
+        meta = _our_config(part / CONFIG_NAME)
+        if meta is not None and meta["model_type"] == "pipeline":  # checked first: no recursion into nesting
+            return f"its part {name} is a pipeline folder itself"
+        problem = model_folder_problem(part)
+        if problem:
+            return f"its part {name}: {problem}"
     return None
 
 
@@ -300,6 +325,8 @@ def _is_complete(folder: Path) -> bool:
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None or model_folder_problem(folder) is not None:
         return False
+    if meta["model_type"] == "pipeline":
+        return all(_is_complete(folder / name) for name in PIPELINE_PARTS)
     try:
         shard_files(folder / INDEX_NAME)  # every shard named there is a file in the folder
     except ValueError:
@@ -381,35 +408,56 @@ def write_model_folder(
     shard_bytes: int | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically; returns its absolute
-    path.
+    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically (``staged_folder``);
+    returns its absolute path."""
+    with staged_folder(out_dir, overwrite) as folder:
+        try:
+            _write_files(folder, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+        except OSError as e:
+            raise _write_error(_absolute(out_dir), e) from None
+    return _absolute(out_dir)
 
-    ``out_dir`` is checked first (``check_output_folder``). Everything is written into ``.OUT.tmp-<pid>-<random>``
-    beside it, locked while this process lives so that no other run takes it for a leftover, and renamed into
-    place at the end; an existing model folder is moved aside to ``.OUT.old-<pid>-<random>`` only then, and deleted
-    once the new one is in place. Any failure (Ctrl-C and the CLI's SIGTERM included) removes the temporary folder
-    and the parent folders this call created and puts the old folder back, so ``out_dir`` is either complete or as
-    it was. A failure to write (disk full, read-only, name too long) is an ``OutputFolderError`` naming ``out_dir``.
+
+@contextlib.contextmanager
+def staged_folder(
+    out_dir: str | os.PathLike, overwrite: bool = False, sources: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """The temporary folder in which to write what becomes ``out_dir``, put in place when the block ends without
+    an error: how every model folder, and a pipeline folder of model folders, is written atomically.
+
+    ``out_dir`` is checked first (``check_output_folder``, with ``sources``). The block writes into
+    ``.OUT.tmp-<pid>-<random>`` beside it, locked while this process lives so that no other run takes it for a
+    leftover; at the end it is renamed into place, and an existing model folder is moved aside to
+    ``.OUT.old-<pid>-<random>`` only then, and deleted once the new one is in place. Any failure (Ctrl-C and the
+    CLI's SIGTERM included) removes the temporary folder and the parent folders this call created and puts the
+    old folder back, so ``out_dir`` is either complete or as it was. A failure to write (disk full, read-only,
+    name too long) is an ``OutputFolderError`` naming ``out_dir``.
     """
-    out = check_output_folder(out_dir, overwrite)
+    out = check_output_folder(out_dir, overwrite, sources)
     missing_parents = [p for p in reversed(out.parents) if not p.exists()]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    in_block = False
     try:
         for folder in missing_parents:
             folder.mkdir()
         tmp.mkdir()
         with _locked(tmp):
-            _write_files(tmp, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+            in_block = True
+            yield tmp
+            in_block = False
             _put_in_place(tmp, out, overwrite)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(missing_parents):
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        if isinstance(e, OSError):
-            raise OutputFolderError(f"{out}: cannot write the model folder: {e.strerror or e}") from None
+        if isinstance(e, OSError) and not in_block:  # the block's own errors (a source unreadable) stay its own
+            raise _write_error(out, e) from None
         raise
-    return out
+
+
+def _write_error(out: Path, error: OSError) -> OutputFolderError:
+    return OutputFolderError(f"{out}: cannot write the model folder: {error.strerror or error}")
 
 
 def _write_files(folder: Path, config: dict, weights: dict[str, mx.array], shard_bytes: int, extra_files: dict) -> None:
@@ -472,12 +520,20 @@ def read_config(folder: str | os.PathLike) -> dict:
 def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[Path]:
     """The shard files a ``*.index.json`` names (for the weights ``keep`` accepts, default all), in its folder.
 
-    The index comes with the checkpoint, so its names are untrusted: ``weight_map`` must map names to names, and
-    each shard must be a plain file name (no separator, ``..``, NUL or absolute path) with the suffix the index
-    name announces (``model.safetensors.index.json``: ``.safetensors``), an existing file that is still inside the
-    folder once symlinks are resolved. The one exception is the Hugging Face cache, whose ``snapshots/<revision>/``
-    files are links into the sibling ``blobs/`` folder.
+    The index comes with the checkpoint, so its names are untrusted: each shard must be a plain file name
+    (``shard_names``), an existing file that is still inside the folder once symlinks are resolved. The one
+    exception is the Hugging Face cache, whose ``snapshots/<revision>/`` files are links into the sibling
+    ``blobs/`` folder.
     """
+    index = Path(index)
+    return [_shard_path(index, name) for name in shard_names(index, keep)]
+
+
+def shard_names(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[str]:
+    """The shard file names a ``*.index.json`` names (for the weights ``keep`` accepts, default all), sorted, whether
+    the files exist or not (what to download): ``weight_map`` must map names to names, and each shard must be a plain
+    file name (no separator, ``..``, NUL or absolute path) with the suffix the index name announces
+    (``model.safetensors.index.json``: ``.safetensors``)."""
     index = Path(index)
     try:
         weight_map = read_json_object(index, MAX_INDEX_BYTES).get("weight_map")
@@ -490,16 +546,17 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
         raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] must be a shard file name, got {shown(bad[1])}")
     names = sorted({name for key, name in weight_map.items() if keep is None or keep(key)})
     suffix = Path(index.name.removesuffix(".index.json")).suffix
-    return [_shard_path(index, name, suffix) for name in names]
+    for name in names:
+        plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or not name.endswith(suffix):
+            raise CheckpointError(
+                f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
+            )
+    return names
 
 
-def _shard_path(index: Path, name: str, suffix: str) -> Path:
+def _shard_path(index: Path, name: str) -> Path:
     folder = index.parent
-    plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
-    if not plain or not name.endswith(suffix):
-        raise CheckpointError(
-            f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
-        )
     path = folder / name
     if not path.is_file():
         raise CheckpointError(f"{index}: names the shard {name}, which is missing")
