@@ -7,7 +7,9 @@ folder's ``config.json`` holds exactly those fields plus the folder metadata (``
 refuses unknown or missing fields and values of the wrong type or out of range before anything is built. A
 component config also estimates its ``parameter_count`` and refuses a model far larger than any released one
 (``max_parameters``), so an absurd size is an error before any weight is allocated. The component's
-``model_type`` is the kind the CLI converts (``starflow-mlx convert flow|t5|wan-vae|sd-vae``).
+``model_type`` is the kind the CLI converts (``starflow-mlx convert flow|t5|wan-vae|sd-vae``). ``PipelineConfig``
+(``pipeline``) is the top-level ``config.json`` of a folder holding one converted folder per part (``PIPELINE_PARTS``):
+the task defaults of generating.
 
 Config files are read by ``read_text_file`` / ``read_json_object`` / ``load_official_yaml``: bounded size, UTF-8,
 one-line errors naming the file; JSON without NaN/Infinity or deep nesting; YAML without anchors or aliases and

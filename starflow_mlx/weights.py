@@ -4,11 +4,13 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
 
 - ``check_output_folder`` / ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each,
   ``model-0000i-of-0000N``) and a ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder
-  and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
-  when it holds a source.
+  and renamed into place (``staged_folder``, which also writes a pipeline folder of model folders); an existing
+  folder is only ever replaced when it is a model folder of ours (``model_folder_problem``; a pipeline folder's
+  parts too), and never when it holds a source.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
-- ``shard_files``: the shard files a ``*.index.json`` names (ours or a checkpoint's), each a plain file name inside
-  the index's folder; used by ``read_model_folder`` and every converter that reads a sharded checkpoint.
+- ``shard_files`` / ``shard_names``: the shard files a ``*.index.json`` names (ours or a checkpoint's), each a plain
+  file name inside the index's folder; used by ``read_model_folder``, every converter that reads a sharded
+  checkpoint, and the pipeline converter to know which shards to download.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
   between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
   ``t5.HF_NAMES``, ...).
@@ -522,8 +524,8 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
 
     The index comes with the checkpoint, so its names are untrusted: each shard must be a plain file name
     (``shard_names``), an existing file that is still inside the folder once symlinks are resolved. The one
-    exception is the Hugging Face cache, whose ``snapshots/<revision>/`` files are links into the sibling
-    ``blobs/`` folder.
+    exception is the Hugging Face cache, whose files in ``snapshots/<revision>/`` (and its subfolders) are links
+    into the repo's ``blobs/`` folder.
     """
     index = Path(index)
     return [_shard_path(index, name) for name in shard_names(index, keep)]
@@ -561,8 +563,15 @@ def _shard_path(index: Path, name: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{index}: names the shard {name}, which is missing")
     real, allowed = path.resolve(), [folder.resolve()]
-    if allowed[0].parent.name == "snapshots":  # a Hugging Face cache snapshot: links into ../../blobs
-        allowed.append(allowed[0].parent.parent / "blobs")
+    # in a Hugging Face cache snapshot (``snapshots/<revision>/``, or a folder in one: the parts of a pipeline repo)
+    # files are links into the repo's ``blobs/``
+    snapshot = next(
+        (p for p in (allowed[0], *allowed[0].parents)
+         if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")),
+        None,
+    )
+    if snapshot is not None:
+        allowed.append(snapshot.parent.parent / "blobs")
     if real.parent not in allowed:
         raise CheckpointError(f"{index}: shard {name} links to {real}, outside the folder {folder}")
     return path

@@ -38,7 +38,15 @@ from pathlib import Path
 from ..checkpoint import CheckpointError
 from ..config import TASK_VAE, FlowConfig, PipelineConfig, config_from_official, load_official_yaml
 from ..hub import HubFile, cached_revision, download, read_pipeline_folder
-from ..weights import CONFIG_NAME, INDEX_NAME, MODEL_TYPES, model_folder_problem, read_config, shard_names, staged_folder
+from ..weights import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    MODEL_TYPES,
+    model_folder_problem,
+    read_config,
+    shard_names,
+    staged_folder,
+)
 from .common import add_output_arguments, check_output
 from .flow import convert_flow_config
 from .sd_vae import convert_sd_vae
