@@ -4,11 +4,14 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
 
 - ``check_output_folder`` / ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each,
   ``model-0000i-of-0000N``) and a ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder
-  and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
-  when it holds a source. What a killed conversion left beside it is removed only when its marker proves it ours.
+  and renamed into place (``staged_folder``, which also writes a pipeline folder of model folders); an existing
+  folder is only ever replaced when it is a model folder of ours (``model_folder_problem``; a pipeline folder's
+  parts too), and never when it holds a source. What a killed conversion left beside it is removed only when its
+  marker proves it ours.
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
-- ``shard_files`` / ``file_in_folder``: the shard files a ``*.index.json`` names (ours or a checkpoint's), and any
-  file a source folder names (a T5's tokenizer files), each a regular file still inside the folder once links are
+- ``shard_files`` / ``shard_names`` / ``file_in_folder``: the shard files a ``*.index.json`` names (ours or a
+  checkpoint's; ``shard_names`` whether they exist or not, what the pipeline converter downloads), and any file a
+  source folder names (a T5's tokenizer files), each a regular file still inside the folder once links are
   resolved; used by ``read_model_folder`` and every converter that reads a folder.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
   between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
@@ -29,7 +32,7 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,7 +40,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError, read_safetensors
-from .config import MAX_INDEX_BYTES, read_json_object, shown
+from .config import MAX_INDEX_BYTES, PIPELINE_PARTS, read_json_object, shown
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +284,9 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` may hold the user's data, so that nothing may replace it; None when it is empty or a model
     folder of ours: a ``config.json`` with a known ``model_type`` and our ``converter_version`` and ``source``, and
-    nothing but the regular files (never links, folders or FIFOs) that ``_is_own_file`` accepts. Finder's files
-    (``IGNORED_NAMES``) do not count, but only when they are regular files too."""
+    nothing but the regular files (never links, folders or FIFOs) that ``_is_own_file`` accepts, or for a pipeline
+    folder its part folders (``_pipeline_folder_problem``). Finder's files (``IGNORED_NAMES``) do not count, but
+    only when they are regular files too."""
     entries = sorted((p for p in folder.iterdir() if not (p.name in IGNORED_NAMES and _is_regular_file(p))),
                      key=lambda p: p.name)
     if not entries:
@@ -290,10 +294,14 @@ def model_folder_problem(folder: Path) -> str | None:
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None:
         return f"no {CONFIG_NAME} written by starflow-mlx"
-    foreign = [p.name for p in entries if not (_is_own_file(p.name, meta) and _is_regular_file(p))]
-    if foreign:
-        return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
-    return None
+    if meta["model_type"] == "pipeline":
+        return _pipeline_folder_problem(entries)
+    return _foreign_files_problem([p for p in entries if not (_is_own_file(p.name, meta) and _is_regular_file(p))])
+
+
+def _foreign_files_problem(foreign: list[Path]) -> str | None:
+    names = [p.name for p in foreign]
+    return f"it also holds {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else None
 
 
 def _is_own_file(name: str, meta: dict) -> bool:
@@ -310,6 +318,29 @@ def _is_regular_file(path: Path) -> bool:
         return stat.S_ISREG(path.lstat().st_mode)
     except OSError:
         return False
+
+
+def _pipeline_folder_problem(entries: list[Path]) -> str | None:
+    """A pipeline folder holds its config.json (and the marker of a conversion killed while moving it), regular
+    files both, and its part folders (``PIPELINE_PARTS``), nothing else; each part is a real folder (not a link,
+    whose target is not ours to delete) that is empty or a model folder of ours of a component kind (never another
+    pipeline). A part may be missing: what is left is still ours."""
+    parts = [p for p in entries if p.name in PIPELINE_PARTS]
+    foreign = _foreign_files_problem(
+        [p for p in entries if p not in parts and not (p.name in (CONFIG_NAME, MARKER_NAME) and _is_regular_file(p))]
+    )
+    if foreign:
+        return foreign
+    for part in parts:
+        if part.is_symlink() or not part.is_dir():
+            return f"its part {part.name} is not a folder"
+        meta = _our_config(part / CONFIG_NAME)
+        if meta is not None and meta["model_type"] == "pipeline":  # checked first: no recursion into nesting
+            return f"its part {part.name} is a pipeline folder itself"
+        problem = model_folder_problem(part)
+        if problem:
+            return f"its part {part.name}: {problem}"
+    return None
 
 
 def _our_config(path: Path) -> dict | None:
@@ -338,6 +369,8 @@ def _is_complete(folder: Path) -> bool:
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None or model_folder_problem(folder) is not None:
         return False
+    if meta["model_type"] == "pipeline":
+        return all(_is_complete(folder / name) for name in PIPELINE_PARTS)
     try:
         shard_files(folder / INDEX_NAME)  # every shard named there is a file in the folder
     except ValueError:
@@ -475,28 +508,45 @@ def write_model_folder(
     shard_bytes: int | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically; returns its absolute
-    path.
+    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically (``staged_folder``);
+    returns its absolute path."""
+    with staged_folder(out_dir, overwrite) as folder:
+        try:
+            _write_files(folder, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+        except OSError as e:
+            raise _write_error(_absolute(out_dir), e) from None
+    return _absolute(out_dir)
 
-    ``out_dir`` is checked first (``check_output_folder``). Everything is written into ``.OUT.tmp-<pid>-<random>``
-    beside it, marked as ours (``MARKER_NAME``) and locked while this process lives so that no other run takes it
-    for a leftover, and renamed into place at the end; an existing model folder is marked and moved aside to
-    ``.OUT.old-<pid>-<random>`` only then, and deleted once the new one is in place (the marker goes last, so that a
-    run killed meanwhile leaves folders the next run can prove are its own). Any failure (Ctrl-C and the CLI's
-    SIGTERM included) removes the temporary folder and the parent folders this call created and puts the old folder
-    back, so ``out_dir`` is either complete or as it was. A failure to write (disk full, read-only, name too long)
-    is an ``OutputFolderError`` naming ``out_dir``.
+
+@contextlib.contextmanager
+def staged_folder(
+    out_dir: str | os.PathLike, overwrite: bool = False, sources: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """The temporary folder in which to write what becomes ``out_dir``, put in place when the block ends without
+    an error: how every model folder, and a pipeline folder of model folders, is written atomically.
+
+    ``out_dir`` is checked first (``check_output_folder``, with ``sources``). The block writes into
+    ``.OUT.tmp-<pid>-<random>`` beside it, marked as ours (``MARKER_NAME``) and locked while this process lives so
+    that no other run takes it for a leftover; at the end it is renamed into place, and an existing model folder is
+    marked and moved aside to ``.OUT.old-<pid>-<random>`` only then, and deleted once the new one is in place (the
+    marker goes last, so that a run killed meanwhile leaves folders the next run can prove are its own). Any failure (Ctrl-C and the
+    CLI's SIGTERM included) removes the temporary folder and the parent folders this call created and puts the
+    old folder back, so ``out_dir`` is either complete or as it was. A failure to write (disk full, read-only,
+    name too long) is an ``OutputFolderError`` naming ``out_dir``.
     """
-    out = check_output_folder(out_dir, overwrite)
+    out = check_output_folder(out_dir, overwrite, sources)
     missing_parents = [p for p in reversed(out.parents) if not p.exists()]
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    in_block = False
     try:
         for folder in missing_parents:
             folder.mkdir()
         tmp.mkdir()
         with _locked(tmp):
             _write_marker(tmp, "tmp", out)  # under the lock: a marked folder is never taken for a killed run's
-            _write_files(tmp, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+            in_block = True
+            yield tmp
+            in_block = False
             _put_in_place(tmp, out, overwrite)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -504,10 +554,13 @@ def write_model_folder(
         for folder in reversed(missing_parents):
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        if isinstance(e, OSError):
-            raise OutputFolderError(f"{out}: cannot write the model folder: {e.strerror or e}") from None
+        if isinstance(e, OSError) and not in_block:  # the block's own errors (a source unreadable) stay its own
+            raise _write_error(out, e) from None
         raise
-    return out
+
+
+def _write_error(out: Path, error: OSError) -> OutputFolderError:
+    return OutputFolderError(f"{out}: cannot write the model folder: {error.strerror or error}")
 
 
 def _write_files(folder: Path, config: dict, weights: dict[str, mx.array], shard_bytes: int, extra_files: dict) -> None:
@@ -575,11 +628,18 @@ def read_config(folder: str | os.PathLike) -> dict:
 def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[Path]:
     """The shard files a ``*.index.json`` names (for the weights ``keep`` accepts, default all), in its folder.
 
-    The index comes with the checkpoint, so its names are untrusted: ``weight_map`` must map names to names, and
-    each shard must be a plain file name (no separator, ``..``, NUL or absolute path) with the suffix the index
-    name announces (``model.safetensors.index.json``: ``.safetensors``), a file inside the folder
-    (``file_in_folder``).
+    The index comes with the checkpoint, so its names are untrusted: each shard must be a plain file name
+    (``shard_names``), a file inside the folder (``file_in_folder``).
     """
+    index = Path(index)
+    return [_shard_path(index, name) for name in shard_names(index, keep)]
+
+
+def shard_names(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[str]:
+    """The shard file names a ``*.index.json`` names (for the weights ``keep`` accepts, default all), sorted, whether
+    the files exist or not (what to download): ``weight_map`` must map names to names, and each shard must be a plain
+    file name (no separator, ``..``, NUL or absolute path) with the suffix the index name announces
+    (``model.safetensors.index.json``: ``.safetensors``)."""
     index = Path(index)
     try:
         weight_map = read_json_object(index, MAX_INDEX_BYTES).get("weight_map")
@@ -592,15 +652,16 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
         raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] must be a shard file name, got {shown(bad[1])}")
     names = sorted({name for key, name in weight_map.items() if keep is None or keep(key)})
     suffix = Path(index.name.removesuffix(".index.json")).suffix
-    return [_shard_path(index, name, suffix) for name in names]
+    for name in names:
+        plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or not name.endswith(suffix):
+            raise CheckpointError(
+                f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
+            )
+    return names
 
 
-def _shard_path(index: Path, name: str, suffix: str) -> Path:
-    plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
-    if not plain or not name.endswith(suffix):
-        raise CheckpointError(
-            f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
-        )
+def _shard_path(index: Path, name: str) -> Path:
     return file_in_folder(index.parent, name, "shard", index)
 
 
@@ -608,16 +669,21 @@ def file_in_folder(folder: Path, name: str, what: str, named_by: str | os.PathLi
     """``folder / name``, the ``what`` (e.g. "shard") that ``named_by`` names, once it is a regular file (links
     followed) that is still inside ``folder`` once links are resolved, so that a source folder cannot make a
     converter read (and copy into its output) a file from anywhere. The one exception is the Hugging Face cache,
-    whose ``snapshots/<revision>/`` files are links into the sibling ``blobs/`` folder. Every refusal is a
-    ``CheckpointError`` naming ``named_by``."""
+    whose files in ``snapshots/<revision>/`` (and its subfolders: the parts of a pipeline repo) are links into the
+    repo's ``blobs/`` folder. Every refusal is a ``CheckpointError`` naming ``named_by``."""
     path = folder / name
     real, allowed = real_path(path, CheckpointError), [real_path(folder, CheckpointError)]
     if not path.exists():
         raise CheckpointError(f"{named_by}: names the {what} {name}, which is missing")
     if not path.is_file():
         raise CheckpointError(f"{named_by}: the {what} {name} is not a regular file")
-    if allowed[0].parent.name == "snapshots":  # a Hugging Face cache snapshot: links into ../../blobs
-        allowed.append(allowed[0].parent.parent / "blobs")
+    snapshot = next(
+        (p for p in (allowed[0], *allowed[0].parents)
+         if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")),
+        None,
+    )
+    if snapshot is not None:
+        allowed.append(snapshot.parent.parent / "blobs")
     if real.parent not in allowed:
         raise CheckpointError(f"{named_by}: {what} {name} links to {real}, outside the folder {folder}")
     return path
