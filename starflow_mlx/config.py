@@ -393,7 +393,11 @@ def _finite_float(text: str) -> float:
 def read_json_object(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """A JSON file holding one object: bounded size and nesting, finite numbers only (Python's json would accept
     NaN, Infinity and 1e999); every problem is a one-line ``ValueError`` naming the file."""
-    text = read_text_file(path, max_bytes)
+    return parse_json_object(read_text_file(path, max_bytes), path)
+
+
+def parse_json_object(text: str, path: str | os.PathLike) -> dict:
+    """``read_json_object`` for text already read (bounded by the caller) from ``path``, e.g. a media file's tag."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
