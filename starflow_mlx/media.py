@@ -36,10 +36,11 @@ Writing (samples):
   truncate without the ``+ 0.5``, a bias of half a level that we do not copy).
 - The settings (any JSON object, ``metadata``) go into the file, as ``{"starflow-mlx": metadata}`` compact JSON in
   the mp4's ``comment`` tag or the PNG's ``starflow-mlx`` iTXt chunk, and into ``<file>.json`` beside it (e.g.
-  ``clip.mp4.json``). Both are written to hidden ``.<name>.tmp-<pid>-<random>`` files in the same folder, locked
-  while this process lives, and renamed into place at the end: an error, Ctrl-C or SIGTERM leaves no partial file,
-  and what a killed run left is removed by the next write to the same name. An existing file is replaced only with
-  ``overwrite``; a folder or a symbolic link is never a target.
+  ``clip.mp4.json``). Both are written to hidden ``.<name>.tmp-<pid>-<random>`` files in the same folder, marked
+  as ours and locked while this process lives, and renamed into place at the end (``staging.StagedFiles``): an
+  error, Ctrl-C or SIGTERM leaves no partial file, and what a killed run left (proved ours by its marker) is removed
+  by the next write to the same name. An existing file is replaced only with ``overwrite``; a folder or a symbolic
+  link is never a target.
 - ``read_metadata(path)``: the settings back, from the mp4, the PNG or the sidecar.
 - ``check_sample(values, stage)``: NaN/inf, or a sample collapsed to a constant, is an error naming the stage and
   the fix, so that a broken run never writes a black video.
@@ -55,9 +56,7 @@ import contextlib
 import json
 import math
 import os
-import uuid
 import warnings
-import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,7 +69,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from . import arguments
 from .config import MAX_JSON_BYTES, parse_json_object, read_json_object
-from .weights import _locked, _tidy_leftovers
+from .staging import StagedFiles
 
 # The official --aspect_ratio choices ("random" aside, which picks one of these).
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
@@ -492,81 +491,24 @@ def _output_path(path: str | os.PathLike, suffix: str) -> Path:
     return path
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
-    """What a written file may replace: nothing but an existing regular file, and that only with ``overwrite``."""
-    if not target.parent.is_dir():
-        raise MediaError(f"{target}: the folder {target.parent} does not exist")
-    if target.is_symlink():
-        raise MediaError(f"{target}: is a symbolic link; name the file itself (a link is never followed to replace "
-                         "its target)")
-    if target.is_dir():
-        raise MediaError(f"{target}: is a folder; name a file")
-    if target.exists() and not target.is_file():
-        raise MediaError(f"{target}: exists and is not a regular file")
-    if target.exists() and not overwrite:
-        raise MediaError(f"{target}: already exists (pass overwrite=True / --overwrite to replace it)")
+def _staged(target: Path, overwrite: bool, drafts: int = 0) -> StagedFiles:
+    """Hidden temporaries for ``target`` and its sidecar (``paths[0]`` and ``paths[1]``), then ``drafts`` more,
+    renamed onto them together by ``_put_in_place`` (``staging.StagedFiles``). Only an existing regular file is
+    replaced, and only with ``overwrite``; a target another run is writing is refused. Every problem is a
+    ``MediaError`` naming ``target``."""
+    try:
+        return StagedFiles((target, sidecar_path(target)), overwrite, MediaError, drafts)
+    except OSError as e:
+        raise MediaError(f"{target}: cannot write: {_reason(e)}") from None
 
 
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-class _PendingOutput:
-    """A file and its sidecar, each written to a hidden ``.<name>.tmp-<pid>-<random>`` beside its target (locked
-    while this process lives, so that another run tells it from a killed one's leftover) and renamed onto the
-    target by ``commit``; ``discard``, or the interpreter's exit before ``commit``, removes them. With ``scratch``,
-    one more hidden file beside the target for a draft, removed with the others."""
-
-    def __init__(self, target: Path, overwrite: bool, scratch: bool = False):
-        self.targets = (target, sidecar_path(target))
-        self.overwrite = overwrite
-        for path in self.targets:
-            _check_target(path, overwrite)
-        names = (*self.targets, target) if scratch else self.targets
-        self.temporary = tuple(p.parent / f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" for p in names)
-        self._locks = contextlib.ExitStack()
-        self._finalizer = weakref.finalize(self, _remove_all, self.temporary)
-        try:
-            for path in self.targets:  # before ours exist: each is locked, which marks it as a live run's
-                _tidy_leftovers(path)
-            for temporary in self.temporary:
-                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                self._locks.enter_context(_locked(temporary))
-        except BaseException as e:
-            self.discard()
-            if isinstance(e, OSError):
-                raise MediaError(f"{target}: cannot write: {_reason(e)}") from None
-            raise
-
-    @property
-    def media(self) -> Path:
-        return self.temporary[0]
-
-    @property
-    def scratch(self) -> Path:
-        return self.temporary[2]
-
-    def commit(self, sidecar_text: str) -> None:
-        self.temporary[1].write_text(sidecar_text, encoding="utf-8")
-        for target in self.targets:  # a file created meanwhile is not replaced either
-            _check_target(target, self.overwrite)
-        for temporary, target in zip(self.temporary, self.targets):
-            os.replace(temporary, target)
-        self.discard()  # the scratch file
-
-    def discard(self) -> None:
-        self._locks.close()
-        self._finalizer()
-
-
-def _remove_all(paths: tuple[Path, ...]) -> None:
-    for path in paths:
-        _remove(path)
+def _put_in_place(output: StagedFiles, sidecar_text: str) -> None:
+    output.paths[1].write_text(sidecar_text, encoding="utf-8")
+    output.put_in_place()
 
 
 @contextlib.contextmanager
-def _writing(target: Path, output: _PendingOutput):
+def _writing(target: Path, output: StagedFiles):
     """Any failure while ``output`` is written discards it; an OS-level one (full disk, read-only, FFmpeg's) becomes
     one line naming ``target``."""
     try:
@@ -621,9 +563,10 @@ class VideoWriter:
         self.metadata = metadata
         self.frames_written = 0
         self._size = None  # (H, W, 3) of the first frame
-        self._output = _PendingOutput(self.path, arguments.flag("overwrite", overwrite), scratch=True)
+        self._output = _staged(self.path, arguments.flag("overwrite", overwrite), drafts=1)
+        self._draft = self._output.paths[2]  # the frames as encoded, before the metadata
         with _writing(self.path, self._output):
-            self._container = av.open(str(self._output.scratch), "w", format="mp4")
+            self._container = av.open(str(self._draft), "w", format="mp4")
 
     def write(self, frame: Any) -> None:
         with self._aborting_on_failure():
@@ -649,8 +592,8 @@ class VideoWriter:
             for packet in self._stream.encode():
                 self._container.mux(packet)
             self._container.close()
-            _copy_video(self._output.scratch, self._output.media, {MP4_TAG: compact})
-            self._output.commit(pretty)
+            _copy_video(self._draft, self._output.paths[0], {MP4_TAG: compact})
+            _put_in_place(self._output, pretty)
         self._output = None
         return self.path
 
@@ -739,12 +682,12 @@ def write_image(
     if rgb.ndim != 3:
         raise ValueError(f"image must be (H, W, 3), got shape {list(rgb.shape)}")
     compact, pretty = _metadata_texts(metadata)
-    output = _PendingOutput(path, arguments.flag("overwrite", overwrite))
+    output = _staged(path, arguments.flag("overwrite", overwrite))
     with _writing(path, output):
         chunks = PngImagePlugin.PngInfo()
         chunks.add_itxt(METADATA_KEY, compact)
-        Image.fromarray(rgb).save(output.media, format="PNG", pnginfo=chunks)
-        output.commit(pretty)
+        Image.fromarray(rgb).save(output.paths[0], format="PNG", pnginfo=chunks)
+        _put_in_place(output, pretty)
     return path
 
 

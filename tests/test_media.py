@@ -29,16 +29,12 @@ from PIL import Image
 
 from starflow_mlx import media
 from starflow_mlx.media import MediaError
-from tests.helpers import REPO
+from starflow_mlx.staging import MARKER_NAME
+from tests.helpers import REPO, snapshot
 
 torch = pytest.importorskip("torch")
 
 FPS = 16
-
-
-def snapshot(root: Path) -> dict:
-    """Every file under ``root`` (hidden ones included) with its bytes: nothing written, replaced or left over."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def gradient_frames(count: int, height: int, width: int) -> np.ndarray:
@@ -710,7 +706,8 @@ def test_a_failure_mid_stream_leaves_no_partial_file(interrupt, exists, tmp_path
         with media.VideoWriter(target, FPS, {"a": 1}, overwrite=True) as video:
             for frame in level_frames(3):
                 video.write(frame)
-            assert len(list(tmp_path.iterdir())) == len(before) + 3  # the draft, the file and the sidecar, hidden
+            # the draft, the file and the sidecar, hidden, each with its marker
+            assert len(list(tmp_path.iterdir())) == len(before) + 6
             raise interrupt()
     assert snapshot(tmp_path) == before
 
@@ -788,7 +785,8 @@ def test_what_a_killed_run_left_is_removed_by_the_next_write_and_a_live_one_is_n
     try:
         assert proc.stdout.readline().strip() == "writing"
         hidden = sorted(p.name for p in tmp_path.iterdir())
-        assert len(hidden) == 3 and all(name.startswith((".out.mp4.tmp-", ".out.mp4.json.tmp-")) for name in hidden)
+        assert len(hidden) == 6 and all(name.startswith((".out.mp4.tmp-", ".out.mp4.json.tmp-")) for name in hidden)
+        assert sum(name.endswith(MARKER_NAME) for name in hidden) == 3
         with pytest.raises(ValueError, match="is writing it"):  # locked: a live run's files are left alone
             write_mp4(target)
         assert sorted(p.name for p in tmp_path.iterdir()) == hidden

@@ -4,7 +4,7 @@ OUT holds ``config.json`` (``config.PipelineConfig``: the task defaults of the f
 ``converter_version``) and three converted folders: ``flow/``, ``text/`` (the T5 encoder and its tokenizer) and
 ``vae/`` (the Wan2.2 VAE for a video flow, the SD VAE for an image flow). Each part is written by its own converter
 into OUT's temporary folder, the whole is checked (``hub.read_pipeline_folder``: the parts made for each other) and
-put in place with one rename (``weights.staged_folder``): OUT is complete or as it was.
+put in place with one rename (``weights.staged_model_folder``): OUT is complete or as it was.
 
 Each part comes from a local flag or, with ``--from-hub``, from the released sources (``hub.download``: the hub
 cache, resumed downloads, ``HF_HUB_OFFLINE``, tokens from the environment):
@@ -45,7 +45,7 @@ from ..weights import (
     model_folder_problem,
     read_config,
     shard_names,
-    staged_folder,
+    staged_model_folder,
 )
 from .common import add_output_arguments, check_output
 from .flow import convert_flow_config
@@ -142,7 +142,7 @@ def convert_pipeline(
     flow_source, flow_config, config_name = _flow_source(flow, config, task)
     defaults = PipelineConfig.for_flow(flow_config)
     sources = {"flow": flow_source, "text": _text_source(t5), "vae": _vae_source(vae, flow_config)}
-    with staged_folder(out, overwrite, named) as staging:
+    with staged_model_folder(out, overwrite, named) as staging:
         try:
             _write_parts(staging, sources, flow_config, config_name, dtype, q_bits, q_group_size)
             _write_config(staging, defaults, sources)
