@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .convert import flow, sd_vae, t5, wan_vae
+    from .convert import flow, pipeline, sd_vae, t5, wan_vae
 
     parser = _Parser(prog="starflow-mlx", description="STARFlow / STARFlow-V in MLX")
     parser.add_argument(
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="kind", required=True
     )
     # Each converter registers ``convert <kind>`` and sets ``func`` to a callable taking the parsed arguments.
-    for converter in (flow, t5, wan_vae, sd_vae):
+    for converter in (flow, t5, wan_vae, sd_vae, pipeline):
         converter.add_parser(kinds)
     return parser
 

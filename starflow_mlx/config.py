@@ -7,7 +7,9 @@ folder's ``config.json`` holds exactly those fields plus the folder metadata (``
 refuses unknown or missing fields and values of the wrong type or out of range before anything is built. A
 component config also estimates its ``parameter_count`` and refuses a model far larger than any released one
 (``max_parameters``), so an absurd size is an error before any weight is allocated. The component's
-``model_type`` is the kind the CLI converts (``starflow-mlx convert flow|t5|wan-vae|sd-vae``).
+``model_type`` is the kind the CLI converts (``starflow-mlx convert flow|t5|wan-vae|sd-vae``). ``PipelineConfig``
+(``pipeline``) is the top-level ``config.json`` of a folder holding one converted folder per part (``PIPELINE_PARTS``):
+the task defaults of generating.
 
 Config files are read by ``read_text_file`` / ``read_json_object`` / ``load_official_yaml``: bounded size, UTF-8,
 one-line errors naming the file; JSON without NaN/Infinity or deep nesting; YAML without anchors or aliases and
@@ -391,7 +393,11 @@ def _finite_float(text: str) -> float:
 def read_json_object(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict:
     """A JSON file holding one object: bounded size and nesting, finite numbers only (Python's json would accept
     NaN, Infinity and 1e999); every problem is a one-line ``ValueError`` naming the file."""
-    text = read_text_file(path, max_bytes)
+    return parse_json_object(read_text_file(path, max_bytes), path)
+
+
+def parse_json_object(text: str, path: str | os.PathLike) -> dict:
+    """``read_json_object`` for text already read (bounded by the caller) from ``path``, e.g. a media file's tag."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
@@ -806,3 +812,83 @@ def config_from_official(args: dict, source: str = "config", txt_dim: int | None
 
 
 GAUSSIAN_LOG_NORM = 0.5 * math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline folder: flow/, text/ and vae/ (each a converted folder) under a config.json of task defaults
+# ----------------------------------------------------------------------------------------------------------------
+
+# The subfolders of a pipeline folder and the model_type each may have: the one place that names them.
+PIPELINE_PARTS = {"flow": ("flow",), "text": ("t5",), "vae": ("wan-vae", "sd-vae")}
+# The VAE each task decodes with: STARFlow-V's Wan2.2 VAE, STARFlow's SD VAE.
+TASK_VAE = {"t2v": "wan-vae", "t2i": "sd-vae"}
+# sample.py's --aspect_ratio choices ("random" aside), width:height.
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
+# Pixel frames of a clip: the README's longest example is 481 (~30 s at 16 fps); long videos go past training.
+MAX_FRAMES = 1 << 16
+
+
+@dataclass
+class PipelineConfig(Config):
+    """The task defaults of a pipeline folder, its top-level ``config.json``: what generating uses where the caller
+    does not choose. Each default is the released one, cited beside it (official ``sample.py`` flags and the
+    ``scripts/test_sample_{video,image}.sh`` that run it, and the YAML); the field defaults are STARFlow-V's,
+    ``for_flow`` gives a flow's own (the frames and fps of its ``vid_size``, its aspect ratios, T2I's settings).
+
+    Frames and fps are pixel-space (81 frames at 16 fps are 21 latent frames); ``context_length`` is in latent
+    frames. ``target_noise_std`` None means the flow's own ``noise_std``.
+    """
+
+    model_type: ClassVar[str] = "pipeline"
+
+    task: str = bounded("t2v", choices=tuple(TASK_VAE))
+    # YAML vid_size "81:16"; an image is one frame at 0 fps (sample.py: --target_length 1 sets out_fps 0)
+    frames: int = bounded(81, min=1, max=MAX_FRAMES)
+    fps: int = bounded(16, min=0, max=240)  # test_sample_video.sh --out_fps 16, the vid_size fps
+    aspect_ratio: str = bounded("16:9", choices=ASPECT_RATIOS)  # test_sample_video.sh; images: "1:1"
+    # sample.py honours --aspect_ratio only for a model trained with mix_aspect; the others are square
+    aspect_ratios: list[str] = bounded(
+        default_factory=lambda: list(ASPECT_RATIOS), choices=ASPECT_RATIOS, length=(1, len(ASPECT_RATIOS))
+    )
+    guidance: float = bounded(3.5, min=0, max=100)  # --cfg 3.5 (test_sample_video.sh), 3.6 (test_sample_image.sh)
+    jacobi: bool = True  # --jacobi 1 in both scripts (sample.py's default 0 is the sequential inverse)
+    jacobi_block_size: int = bounded(32, min=1, max=65536)  # --jacobi_block_size 32 (video script), 16 (image)
+    jacobi_threshold: float = bounded(0.001, min=0, max=1)  # --jacobi_th 0.001 in both scripts
+    jacobi_max_iter: int = bounded(32, min=1, max=1024)  # sample.py --jacobi_max_iter default
+    # sample.py's process_denoising runs with --finetuned_vae none, which both scripts pass
+    denoise: bool = True
+    # the flow's learnable self-denoiser (--disable_learnable_denoiser 0); off: the gradient step of T2I
+    learnable_denoiser: bool = True
+    denoise_step_size: float = bounded(1.0, above=0, max=100)  # --self_denoising_lr default 1 (the gradient step)
+    target_noise_std: float | None = bounded(None, above=0, max=100)  # --target_noise_std default None
+    context_length: int = bounded(16, min=0, max=1024)  # --context_length default 16 (latent frames, long videos)
+    attention_temperature: float = bounded(1.0, above=0, max=100)  # --attn_temp default 1
+
+    def validate(self) -> None:
+        if self.aspect_ratio not in self.aspect_ratios:
+            raise ValueError(f"aspect_ratio {self.aspect_ratio!r} is not one of aspect_ratios {self.aspect_ratios}")
+        if len(set(self.aspect_ratios)) != len(self.aspect_ratios):
+            raise ValueError(f"aspect_ratios {self.aspect_ratios} lists a ratio twice")
+        if self.task == "t2i" and (self.frames, self.fps) != (1, 0):
+            raise ValueError(f"a t2i pipeline makes one frame at fps 0, got frames {self.frames}, fps {self.fps}")
+        if self.task == "t2v" and self.fps < 1:
+            raise ValueError(f"a t2v pipeline needs fps >= 1, got {self.fps}")
+
+    @classmethod
+    def for_flow(cls, flow: FlowConfig) -> "PipelineConfig":
+        """The released defaults for ``flow``: STARFlow-V's settings with the frames and fps of its ``vid_size``
+        for a video flow, STARFlow's (one square frame, --cfg 3.6, --jacobi_block_size 16, the gradient
+        denoising step) for an image flow; the aspect-ratio buckets when it was trained with ``mix_aspect``."""
+        ratios = list(ASPECT_RATIOS) if flow.mix_aspect else ["1:1"]
+        if not flow.is_video:
+            return cls(
+                task="t2i", frames=1, fps=0, aspect_ratio="1:1", aspect_ratios=ratios, guidance=3.6,
+                jacobi_block_size=16, learnable_denoiser=False,
+            )
+        if flow.vid_size is None:
+            raise ValueError("the flow is a video model without vid_size: its frames and fps are unknown")
+        frames, fps = (int(n) for n in flow.vid_size.split(":")[:2])
+        return cls(
+            task="t2v", frames=frames, fps=fps, aspect_ratio="16:9" if flow.mix_aspect else "1:1",
+            aspect_ratios=ratios, learnable_denoiser=flow.learnable_self_denoiser,
+        )

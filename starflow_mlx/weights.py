@@ -4,11 +4,14 @@ Shared by every converter (flow, T5, VAEs) and by the model loaders (checkpoint 
 
 - ``check_output_folder`` / ``write_model_folder``: ``config.json`` plus safetensors shards (5 GiB each,
   ``model-0000i-of-0000N``) and a ``model.safetensors.index.json``, the mlx-lm layout, written to a temporary folder
-  and renamed into place; an existing folder is only ever replaced when it is a model folder of ours, and never
-  when it holds a source. What a killed conversion left beside it is removed only when its marker proves it ours.
+  and renamed into place (``staged_model_folder``, which also writes a pipeline folder of model folders, through
+  ``staging.staged_folder``); an existing folder is only ever replaced when it is a model folder of ours
+  (``model_folder_problem``; a pipeline folder's parts too), and never when it holds a source. What a killed run
+  left beside it is removed only when its marker proves it ours (``staging.tidy_leftovers``).
 - ``read_model_folder`` / ``load_weights_into``: the reverse, with transparent loading of quantized Linear layers.
-- ``shard_files`` / ``file_in_folder``: the shard files a ``*.index.json`` names (ours or a checkpoint's), and any
-  file a source folder names (a T5's tokenizer files), each a regular file still inside the folder once links are
+- ``shard_files`` / ``shard_names`` / ``file_in_folder``: the shard files a ``*.index.json`` names (ours or a
+  checkpoint's; ``shard_names`` whether they exist or not, what the pipeline converter downloads), and any file a
+  source folder names (a T5's tokenizer files), each a regular file still inside the folder once links are
   resolved; used by ``read_model_folder`` and every converter that reads a folder.
 - ``check_state_dict`` and ``KeyMap``: every key present with its shape and a floating dtype, and the renames
   between a checkpoint's names and ours, declared as template tables beside each model (``flow.OFFICIAL_NAMES``,
@@ -20,16 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import stat
-import uuid
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,7 +38,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError, read_safetensors
-from .config import MAX_INDEX_BYTES, read_json_object, shown
+from .config import MAX_INDEX_BYTES, PIPELINE_PARTS, read_json_object, shown
+from .staging import MARKER_NAME, check_name_fits, is_regular_file, real_path, staged_folder, tidy_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,9 @@ TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "s
 # Files macOS Finder writes into folders: not the user's data (when they are files), so they do not stop a model
 # folder being replaced.
 IGNORED_NAMES = (".DS_Store",)
-# Written first into every folder a conversion makes beside OUT, and into OUT just before it is moved aside: what
-# proves that a hidden folder named like ours is ours (a user may well keep a ".models.old-2024..." backup), so that
-# tidying never removes or restores anything else. Removed from OUT once it is in place.
-MARKER_NAME = ".starflow-mlx-conversion"
-MAX_MARKER_BYTES = 4096
-# The longest suffix of the hidden folders beside OUT while it is written, ".OUT.tmp-<pid>-<random>" and
-# ".OUT.old-<pid>-<random>" (Linux pids are below 2**22).
-LEFTOVER_SUFFIX_LONGEST = ".old-4194304-00000000"
-
-
 class OutputFolderError(ValueError):
-    """An output folder that cannot be written, or an existing path that a conversion must not replace."""
+    """An output folder that cannot be written, or an existing path that a conversion must not replace (another
+    run writing it included)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,14 +183,14 @@ def check_output_folder(
     symbolic link (never followed, so its target is never replaced behind the user's back), a path through a loop
     of links, one of ``sources`` or a folder holding one (writing or replacing it could delete what is being read),
     an existing file, and an existing folder that is not a model folder of ours (``model_folder_problem``). An
-    existing model folder is replaced only with ``overwrite``. Before that, what killed conversions to the same
-    path left beside it is tidied (``_tidy_leftovers``).
+    existing model folder is replaced only with ``overwrite``. Before that, what killed runs writing the same path
+    left beside it is tidied (``staging.tidy_leftovers``), and a path another run is writing is refused.
     """
     out = _absolute(out_dir)
     try:
         _check_path(out)
         _check_not_a_source(out, sources)
-        _tidy_leftovers(out)
+        tidy_leftovers(out, OutputFolderError, _is_complete)
         _check_replaceable(out, overwrite)
     except OSError as e:
         raise OutputFolderError(f"{out}: cannot be used as the output folder: {e.strerror or e}") from None
@@ -206,7 +199,8 @@ def check_output_folder(
 
 def _absolute(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).absolute()
-    return real_path(out) if out.name in ("", "..") else out  # "/" or a trailing "..": the folder it names
+    # "/" or a trailing "..": the folder it names
+    return real_path(out, OutputFolderError) if out.name in ("", "..") else out
 
 
 def _check_path(out: Path) -> None:
@@ -216,31 +210,18 @@ def _check_path(out: Path) -> None:
     existing = next(p for p in out.parents if p.exists())
     if not existing.is_dir():
         raise OutputFolderError(f"{out}: cannot be created: {existing} is a file, not a folder")
-    name_max = _name_max(existing)
-    limit = name_max - len(os.fsencode("." + LEFTOVER_SUFFIX_LONGEST))  # the hidden name's leading dot and suffix
-    if len(os.fsencode(out.name)) > limit:
-        raise OutputFolderError(
-            f"{out}: the folder name is too long ({len(os.fsencode(out.name))} bytes; at most {limit} fit here, "
-            f"with the suffix of the hidden temporary folder, in this file system's {name_max})"
-        )
+    check_name_fits(out, existing, OutputFolderError, is_folder=True)
     if out.is_symlink():
         raise OutputFolderError(
             f"{out}: is a symbolic link; name the folder itself (a link is never followed to replace its target)"
         )
 
 
-def _name_max(folder: Path) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
 def _check_not_a_source(out: Path, sources: Iterable[str | os.PathLike]) -> None:
     """Writing or replacing ``out`` must never delete a source: it may neither be one nor hold one (compared by real
     path, so links and ``..`` hide nothing). A new folder inside a source folder is fine: the converters read named
     files there, and an existing subfolder that holds sources is not a model folder of ours, so never replaced."""
-    real = real_path(out)
+    real = real_path(out, OutputFolderError)
     for source in sources:
         source_real = real_path(Path(source), CheckpointError)
         if source_real == real:
@@ -250,17 +231,6 @@ def _check_not_a_source(out: Path, sources: Iterable[str | os.PathLike]) -> None
                 f"{out}: holds the source {source}, which writing the output there could delete; choose an output "
                 "folder outside it"
             )
-
-
-def real_path(path: Path, error: type[ValueError] = OutputFolderError) -> Path:
-    """``path`` with every link and ``..`` resolved; a loop of links, or anything else that stops the system
-    resolving it, is one ``error`` naming ``path``."""
-    try:
-        return path.resolve()
-    except RuntimeError:  # how Python 3.11 reports a loop
-        raise error(f"{path}: cannot be followed: it, or a folder above it, is a loop of symbolic links") from None
-    except OSError as e:
-        raise error(f"{path}: cannot be followed: {e.strerror or e}") from None
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -281,35 +251,55 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` may hold the user's data, so that nothing may replace it; None when it is empty or a model
     folder of ours: a ``config.json`` with a known ``model_type`` and our ``converter_version`` and ``source``, and
-    nothing but the regular files (never links, folders or FIFOs) that ``_is_own_file`` accepts. Finder's files
-    (``IGNORED_NAMES``) do not count, but only when they are regular files too."""
-    entries = sorted((p for p in folder.iterdir() if not (p.name in IGNORED_NAMES and _is_regular_file(p))),
+    nothing but the regular files (never links, folders or FIFOs) that ``_is_own_file`` accepts, or for a pipeline
+    folder its part folders (``_pipeline_folder_problem``). Finder's files (``IGNORED_NAMES``) do not count, but
+    only when they are regular files too."""
+    entries = sorted((p for p in folder.iterdir() if not (p.name in IGNORED_NAMES and is_regular_file(p))),
                      key=lambda p: p.name)
     if not entries:
         return None
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None:
         return f"no {CONFIG_NAME} written by starflow-mlx"
-    foreign = [p.name for p in entries if not (_is_own_file(p.name, meta) and _is_regular_file(p))]
-    if foreign:
-        return f"it also holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
-    return None
+    if meta["model_type"] == "pipeline":
+        return _pipeline_folder_problem(entries)
+    return _foreign_files_problem([p for p in entries if not (_is_own_file(p.name, meta) and is_regular_file(p))])
+
+
+def _foreign_files_problem(foreign: list[Path]) -> str | None:
+    names = [p.name for p in foreign]
+    return f"it also holds {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else None
 
 
 def _is_own_file(name: str, meta: dict) -> bool:
     """Whether a model folder whose ``config.json`` says ``meta`` writes a file called ``name``: the config, the
-    weights and their index, the tokenizer files it lists, and the marker of a conversion killed while moving it."""
+    weights and their index, the tokenizer files it lists, and the marker of a run killed while moving it aside."""
     return name in (CONFIG_NAME, INDEX_NAME, MARKER_NAME) or bool(SHARD_NAME.fullmatch(name)) or (
         name in _companion_files(meta)
     )
 
 
-def _is_regular_file(path: Path) -> bool:
-    """A regular file itself, not a link to one (nor a folder, FIFO or device)."""
-    try:
-        return stat.S_ISREG(path.lstat().st_mode)
-    except OSError:
-        return False
+def _pipeline_folder_problem(entries: list[Path]) -> str | None:
+    """A pipeline folder holds its config.json (and the marker of a run killed while moving it aside), regular
+    files both, and its part folders (``PIPELINE_PARTS``), nothing else; each part is a real folder (not a link,
+    whose target is not ours to delete) that is empty or a model folder of ours of a component kind (never another
+    pipeline). A part may be missing: what is left is still ours."""
+    parts = [p for p in entries if p.name in PIPELINE_PARTS]
+    foreign = _foreign_files_problem(
+        [p for p in entries if p not in parts and not (p.name in (CONFIG_NAME, MARKER_NAME) and is_regular_file(p))]
+    )
+    if foreign:
+        return foreign
+    for part in parts:
+        if part.is_symlink() or not part.is_dir():
+            return f"its part {part.name} is not a folder"
+        meta = _our_config(part / CONFIG_NAME)
+        if meta is not None and meta["model_type"] == "pipeline":  # checked first: no recursion into nesting
+            return f"its part {part.name} is a pipeline folder itself"
+        problem = model_folder_problem(part)
+        if problem:
+            return f"its part {part.name}: {problem}"
+    return None
 
 
 def _our_config(path: Path) -> dict | None:
@@ -338,129 +328,13 @@ def _is_complete(folder: Path) -> bool:
     meta = _our_config(folder / CONFIG_NAME)
     if meta is None or model_folder_problem(folder) is not None:
         return False
+    if meta["model_type"] == "pipeline":
+        return all(_is_complete(folder / name) for name in PIPELINE_PARTS)
     try:
         shard_files(folder / INDEX_NAME)  # every shard named there is a file in the folder
     except ValueError:
         return False
     return all((folder / name).is_file() for name in _companion_files(meta))
-
-
-# ---- what a killed conversion leaves beside OUT, and the locks that tell it from a running one ----
-
-
-def _leftovers(out: Path) -> list[tuple[Path, str, int]]:
-    """The folders beside ``out`` named like those of a conversion to it, ``.OUT.(tmp|old)-<pid>-<random>``, with
-    their kind ("tmp" or "old") and pid, newest first. Real folders only: a conversion never makes a file, FIFO or
-    link there, so none is ever looked into."""
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d{{1,7}})-[0-9a-f]{{8}}")
-    found = []
-    with os.scandir(out.parent) as entries:
-        for entry in entries:
-            match = pattern.fullmatch(entry.name)
-            if match and entry.is_dir(follow_symlinks=False):
-                found.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path), match[1], int(match[2])))
-    return [(path, kind, pid) for _, path, kind, pid in sorted(found, key=lambda f: f[0], reverse=True)]
-
-
-def _tidy_leftovers(out: Path) -> None:
-    """Tidy what conversions to ``out`` that were killed (SIGKILL, a crash, power loss) left beside it.
-
-    Only a folder that holds the marker of a conversion to ``out`` (``MARKER_NAME``: its kind, the pid in its name
-    and ``out``'s name) is ours; any other is the user's, whatever its name, and is left alone (and logged). A
-    temporary folder is incomplete by definition: removed. A folder moved aside is the model ``out`` held before:
-    if ``out`` is missing (the run died between its two renames) the newest complete one is put back, since it is
-    the user's model and the run that would have replaced it never finished; otherwise it is what a finished
-    conversion replaced: removed. While a conversion to ``out`` is running (it holds its folders locked), nothing
-    is touched and this one is refused: two runs replacing one folder could lose the model it held.
-    """
-    leftovers = _leftovers(out)
-    running = [path.name for path, _, _ in leftovers if _is_locked(path)]
-    if running:
-        raise OutputFolderError(
-            f"{out}: another conversion is writing it ({', '.join(running)}); wait for it to finish or stop it"
-        )
-    for path, kind, pid in leftovers:
-        if not _holds_marker(path, _marker(kind, pid, out)):
-            _report_once(path)
-        elif kind == "old" and not os.path.lexists(out) and _is_complete(path):
-            os.rename(path, out)
-            (out / MARKER_NAME).unlink()
-            log.warning("%s: restored from %s, where a killed conversion had moved it aside", out, path.name)
-        else:
-            _remove_ours(path)
-            log.warning("%s: removed, left behind by a killed conversion", path)
-
-
-# The folders named like leftovers but not ours that were reported: a converter checks its output folder twice.
-_reported: set[Path] = set()
-
-
-def _report_once(path: Path) -> None:
-    if path not in _reported:
-        _reported.add(path)
-        log.warning("%s: left alone: named like what a killed conversion leaves, but not marked as one", path)
-
-
-def _marker(kind: str, pid: int, out: Path) -> dict:
-    """What the marker of a ``kind`` folder made by process ``pid`` for ``out`` holds."""
-    return {"written_by": "starflow-mlx", "kind": kind, "pid": pid, "out": out.name}
-
-
-def _write_marker(folder: Path, kind: str, out: Path) -> None:
-    (folder / MARKER_NAME).write_text(json.dumps(_marker(kind, os.getpid(), out)))
-
-
-def _holds_marker(folder: Path, marker: dict) -> bool:
-    """Whether ``folder`` holds ``marker`` as a regular file (so reading it never follows a link or blocks)."""
-    path = folder / MARKER_NAME
-    if not _is_regular_file(path):
-        return False
-    try:
-        return read_json_object(path, MAX_MARKER_BYTES) == marker
-    except ValueError:  # unreadable, not JSON: not ours
-        return False
-
-
-def _remove_ours(folder: Path) -> None:
-    """Remove a folder of ours, its marker last, so that a removal cut short leaves it still marked as ours."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name == MARKER_NAME:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-    (folder / MARKER_NAME).unlink(missing_ok=True)
-    folder.rmdir()
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """Hold an exclusive lock on ``folder`` (on its inode: it follows the folder through renames); the system drops
-    it when the process dies, however it dies, which is how ``_tidy_leftovers`` tells a killed run from a live one.
-    Opened as a folder only, never through a link and never waiting (a FIFO would block an ordinary open)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputFolderError(f"{folder}: another conversion is writing it; wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _is_locked(path: Path) -> bool:
-    try:
-        with _locked(path):
-            return False
-    except OutputFolderError:
-        return True
-    except OSError:  # not a folder that can be opened: no conversion of ours holds it
-        return False
 
 
 # ---- writing ----
@@ -475,39 +349,46 @@ def write_model_folder(
     shard_bytes: int | None = None,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically; returns its absolute
-    path.
+    """Write ``config.json``, sharded safetensors and the index into ``out_dir``, atomically
+    (``staged_model_folder``); returns its absolute path."""
+    with staged_model_folder(out_dir, overwrite) as folder:
+        try:
+            _write_files(folder, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
+        except OSError as e:
+            raise _write_error(_absolute(out_dir), e) from None
+    return _absolute(out_dir)
 
-    ``out_dir`` is checked first (``check_output_folder``). Everything is written into ``.OUT.tmp-<pid>-<random>``
-    beside it, marked as ours (``MARKER_NAME``) and locked while this process lives so that no other run takes it
-    for a leftover, and renamed into place at the end; an existing model folder is marked and moved aside to
-    ``.OUT.old-<pid>-<random>`` only then, and deleted once the new one is in place (the marker goes last, so that a
-    run killed meanwhile leaves folders the next run can prove are its own). Any failure (Ctrl-C and the CLI's
-    SIGTERM included) removes the temporary folder and the parent folders this call created and puts the old folder
-    back, so ``out_dir`` is either complete or as it was. A failure to write (disk full, read-only, name too long)
-    is an ``OutputFolderError`` naming ``out_dir``.
+
+@contextlib.contextmanager
+def staged_model_folder(
+    out_dir: str | os.PathLike, overwrite: bool = False, sources: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
+    """The temporary folder in which to write what becomes ``out_dir``, put in place when the block ends without
+    an error: how every model folder, and a pipeline folder of model folders, is written atomically.
+
+    ``out_dir`` is checked first (``check_output_folder``, with ``sources``); the block writes into a hidden folder
+    beside it, marked as ours and locked while this process lives, that replaces ``out_dir`` at the end
+    (``staging.staged_folder``: an existing model folder is moved aside and deleted once the new one is in place).
+    Any failure (Ctrl-C and the CLI's SIGTERM included) leaves ``out_dir`` as it was. A failure to write (disk full,
+    read-only, name too long) is an ``OutputFolderError`` naming ``out_dir``; the block's own errors (a source
+    unreadable) stay its own.
     """
-    out = check_output_folder(out_dir, overwrite)
-    missing_parents = [p for p in reversed(out.parents) if not p.exists()]
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    out = check_output_folder(out_dir, overwrite, sources)
+    in_block = False
     try:
-        for folder in missing_parents:
-            folder.mkdir()
-        tmp.mkdir()
-        with _locked(tmp):
-            _write_marker(tmp, "tmp", out)  # under the lock: a marked folder is never taken for a killed run's
-            _write_files(tmp, config, weights, shard_bytes or SHARD_BYTES, extra_files or {})
-            _put_in_place(tmp, out, overwrite)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            _remove_ours(tmp)
-        for folder in reversed(missing_parents):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(e, OSError):
-            raise OutputFolderError(f"{out}: cannot write the model folder: {e.strerror or e}") from None
-        raise
-    return out
+        check = partial(_check_replaceable, overwrite=overwrite)
+        with staged_folder(out, check, _is_complete, OutputFolderError) as tmp:
+            in_block = True
+            yield tmp
+            in_block = False
+    except OSError as e:
+        if in_block:
+            raise
+        raise _write_error(out, e) from None
+
+
+def _write_error(out: Path, error: OSError) -> OutputFolderError:
+    return OutputFolderError(f"{out}: cannot write the model folder: {error.strerror or error}")
 
 
 def _write_files(folder: Path, config: dict, weights: dict[str, mx.array], shard_bytes: int, extra_files: dict) -> None:
@@ -537,31 +418,6 @@ def _save_shard(path: Path, shard: dict[str, mx.array]) -> None:
         raise OSError(errno.EIO, str(e), str(path)) from None
 
 
-def _put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out`` and take its marker out. An existing ``out``, checked again (the conversion took a
-    while), is marked and moved aside, locked so that a concurrent run does not take it for a leftover, put back
-    if the rename fails, and deleted once the new folder is in place."""
-    _check_replaceable(out, overwrite)
-    if not out.exists():
-        os.rename(tmp, out)
-        (out / MARKER_NAME).unlink()
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with _locked(out):
-        try:
-            _write_marker(out, "old", out)
-            os.rename(out, old)
-            os.rename(tmp, out)
-        except BaseException:
-            if old.exists() and not out.exists():
-                os.rename(old, out)
-            raise
-        finally:
-            (out / MARKER_NAME).unlink(missing_ok=True)  # the old folder's (put back) or the new one's
-        with contextlib.suppress(OSError):
-            _remove_ours(old)
-
-
 def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
@@ -575,11 +431,18 @@ def read_config(folder: str | os.PathLike) -> dict:
 def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[Path]:
     """The shard files a ``*.index.json`` names (for the weights ``keep`` accepts, default all), in its folder.
 
-    The index comes with the checkpoint, so its names are untrusted: ``weight_map`` must map names to names, and
-    each shard must be a plain file name (no separator, ``..``, NUL or absolute path) with the suffix the index
-    name announces (``model.safetensors.index.json``: ``.safetensors``), a file inside the folder
-    (``file_in_folder``).
+    The index comes with the checkpoint, so its names are untrusted: each shard must be a plain file name
+    (``shard_names``), a file inside the folder (``file_in_folder``).
     """
+    index = Path(index)
+    return [_shard_path(index, name) for name in shard_names(index, keep)]
+
+
+def shard_names(index: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> list[str]:
+    """The shard file names a ``*.index.json`` names (for the weights ``keep`` accepts, default all), sorted, whether
+    the files exist or not (what to download): ``weight_map`` must map names to names, and each shard must be a plain
+    file name (no separator, ``..``, NUL or absolute path) with the suffix the index name announces
+    (``model.safetensors.index.json``: ``.safetensors``)."""
     index = Path(index)
     try:
         weight_map = read_json_object(index, MAX_INDEX_BYTES).get("weight_map")
@@ -592,15 +455,16 @@ def shard_files(index: str | os.PathLike, keep: Callable[[str], bool] | None = N
         raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] must be a shard file name, got {shown(bad[1])}")
     names = sorted({name for key, name in weight_map.items() if keep is None or keep(key)})
     suffix = Path(index.name.removesuffix(".index.json")).suffix
-    return [_shard_path(index, name, suffix) for name in names]
+    for name in names:
+        plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or not name.endswith(suffix):
+            raise CheckpointError(
+                f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
+            )
+    return names
 
 
-def _shard_path(index: Path, name: str, suffix: str) -> Path:
-    plain = 0 < len(name) <= 255 and name not in (".", "..") and not any(c in name for c in "/\\\0")
-    if not plain or not name.endswith(suffix):
-        raise CheckpointError(
-            f"{index}: shard {shown(name)} is not a plain {suffix} file name in the index's folder"
-        )
+def _shard_path(index: Path, name: str) -> Path:
     return file_in_folder(index.parent, name, "shard", index)
 
 
@@ -608,16 +472,21 @@ def file_in_folder(folder: Path, name: str, what: str, named_by: str | os.PathLi
     """``folder / name``, the ``what`` (e.g. "shard") that ``named_by`` names, once it is a regular file (links
     followed) that is still inside ``folder`` once links are resolved, so that a source folder cannot make a
     converter read (and copy into its output) a file from anywhere. The one exception is the Hugging Face cache,
-    whose ``snapshots/<revision>/`` files are links into the sibling ``blobs/`` folder. Every refusal is a
-    ``CheckpointError`` naming ``named_by``."""
+    whose files in ``snapshots/<revision>/`` (and its subfolders: the parts of a pipeline repo) are links into the
+    repo's ``blobs/`` folder. Every refusal is a ``CheckpointError`` naming ``named_by``."""
     path = folder / name
     real, allowed = real_path(path, CheckpointError), [real_path(folder, CheckpointError)]
     if not path.exists():
         raise CheckpointError(f"{named_by}: names the {what} {name}, which is missing")
     if not path.is_file():
         raise CheckpointError(f"{named_by}: the {what} {name} is not a regular file")
-    if allowed[0].parent.name == "snapshots":  # a Hugging Face cache snapshot: links into ../../blobs
-        allowed.append(allowed[0].parent.parent / "blobs")
+    snapshot = next(
+        (p for p in (allowed[0], *allowed[0].parents)
+         if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")),
+        None,
+    )
+    if snapshot is not None:
+        allowed.append(snapshot.parent.parent / "blobs")
     if real.parent not in allowed:
         raise CheckpointError(f"{named_by}: {what} {name} links to {real}, outside the folder {folder}")
     return path

@@ -4,6 +4,7 @@ in a subprocess under resource limits."""
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STARFLOW_SHARED", REPO.parent / "shared"))
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` (links not followed): a file's bytes, a link's target, "folder", or the type of
+    anything else (a FIFO is never opened)."""
+    tree = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = Path(folder, name)
+            key = str(path.relative_to(root))
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                tree[key] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                tree[key] = "folder" if stat.S_ISDIR(mode) else path.read_bytes()
+            else:
+                tree[key] = ("special", stat.S_IFMT(mode))
+    return tree
 
 
 def maxerr(a, b) -> float:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import time
 import types
@@ -44,29 +43,11 @@ from starflow_mlx.weights import (  # noqa: E402
     read_config,
     read_model_folder,
 )
-from tests.helpers import finish_bounded, start_bounded  # noqa: E402
+from tests.helpers import finish_bounded, snapshot, start_bounded  # noqa: E402
 from tests.test_converters import SOURCES, sd_model, t5_parts, wan_state  # noqa: E402,F401 (fixtures of SOURCES)
 
 # The module each converter reads its checkpoints through (patched to fail or be interrupted while reading).
 CONVERTER_MODULES = {"flow": "flow", "t5": "t5", "wan-vae": "wan_vae", "sd-vae": "sd_vae"}
-
-
-def snapshot(root: Path) -> dict:
-    """Every path under ``root`` (links not followed): a file's bytes, a link's target, "folder", or the type of
-    anything else (a FIFO is never opened)."""
-    tree = {}
-    for folder, folders, files in os.walk(root):
-        for name in folders + files:
-            path = Path(folder, name)
-            key = str(path.relative_to(root))
-            mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
-                tree[key] = ("link", os.readlink(path))
-            elif stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-                tree[key] = "folder" if stat.S_ISDIR(mode) else path.read_bytes()
-            else:
-                tree[key] = ("special", stat.S_IFMT(mode))
-    return tree
 
 
 def leftovers(out: Path) -> list[str]:
@@ -624,7 +605,7 @@ def test_a_killed_writer_leaves_a_tmp_that_the_next_run_removes(tiny_video, tmp_
     caplog.set_level(logging.WARNING)
     convert_flow(tiny_video.checkpoint, tiny_video.yaml, out)
 
-    assert f"{out.parent / stale}: removed, left behind by a killed conversion" in caplog.text
+    assert f"{out.parent / stale}: removed, left behind by a killed run" in caplog.text
     assert not leftovers(out) and snapshot(out) == snapshot(tiny_video.folder)
 
 
@@ -656,7 +637,7 @@ def test_a_running_conversion_is_never_disturbed(tiny_video, tmp_path):
     [running] = leftovers(out)
     during = snapshot(out.parent)
 
-    with pytest.raises(OutputFolderError, match=f"another conversion is writing it \\({re.escape(running)}\\)"):
+    with pytest.raises(OutputFolderError, match=f"another run is writing it \\({re.escape(running)}\\)"):
         convert_flow(tiny_video.checkpoint, tiny_video.yaml, out)
 
     assert snapshot(out.parent) == during
@@ -706,7 +687,7 @@ def test_leftovers_of_killed_runs_are_tidied(leftover, out_exists, restored, tin
         assert snapshot(out) == expected_out  # the marker taken out of the folder put back
         assert (f"{out}: restored from {leftover}" in caplog.text) == restored
     else:
-        assert f"{tmp_path / leftover}: removed, left behind by a killed conversion" in caplog.text
+        assert f"{tmp_path / leftover}: removed, left behind by a killed run" in caplog.text
         assert _same_weights(out, tiny_video.folder)
 
 
@@ -784,7 +765,7 @@ def test_what_is_not_provably_a_leftover_of_ours_is_left_alone(case, tiny_video,
     assert _same_weights(out, tiny_video.folder) and MARKER_NAME not in os.listdir(out)
     assert {k: v for k, v in snapshot(work).items() if k.split(os.sep)[0] != "out"} == before
     for name in reported:
-        assert f"{work / name}: left alone: named like what a killed conversion leaves, but not marked as one" in (
+        assert f"{work / name}: left alone: named like what a killed run leaves, but not marked as one" in (
             caplog.text
         )
     assert caplog.text.count("left alone") == len(reported)  # once, although the output is checked twice

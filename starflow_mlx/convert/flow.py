@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from ..config import load_official_yaml
+from ..config import FlowConfig, load_official_yaml
 from ..flow import DEPRECATED, OFFICIAL_NAMES, StarFlow
 from ..checkpoint import read_state_dict
 from ..weights import check_state_dict
@@ -34,8 +34,26 @@ def convert_flow(
     overwrite: bool = False,
 ) -> Path:
     out_dir = check_output(out_dir, dtype, overwrite, [checkpoint, config_yaml])
-    checkpoint, config_yaml = Path(checkpoint), Path(config_yaml)
     config = load_official_yaml(config_yaml, txt_dim)
+    return convert_flow_config(
+        checkpoint, config, Path(config_yaml).name, out_dir, dtype, q_bits, q_group_size, overwrite
+    )
+
+
+def convert_flow_config(
+    checkpoint: str | Path,
+    config: FlowConfig,
+    config_name: str,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """``convert_flow`` with the config already built (the pipeline converter's built-in configs of the released
+    models); ``config_name`` is recorded as the config the source came with."""
+    out_dir = check_output(out_dir, dtype, overwrite, [checkpoint])
+    checkpoint = Path(checkpoint)
     state = read_state_dict(checkpoint)
 
     model = StarFlow(config)
@@ -45,7 +63,7 @@ def convert_flow(
     del state
 
     return write_converted(
-        out_dir, config, weights, model, dtype=dtype, sources=[checkpoint], source_extra={"config": config_yaml.name},
+        out_dir, config, weights, model, dtype=dtype, sources=[checkpoint], source_extra={"config": config_name},
         converter_version=CONVERTER_VERSION, q_bits=q_bits, q_group_size=q_group_size, quant_skip=QUANT_SKIP,
         overwrite=overwrite,
     )
