@@ -340,3 +340,15 @@ def test_settings_defaults_are_the_folder_config(video):
     assert isinstance(settings, Settings)
     for name in ("frames", "fps", "aspect_ratio", "guidance", "jacobi_block_size", "context_length"):
         assert getattr(settings, name) == getattr(video.config, name)
+
+
+def test_image_to_video_from_a_file_equals_from_its_pixels(video, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "first.png"
+    Image.fromarray(picture()).save(path)
+    from_file = video.image_to_video(PROMPT, path, denoise=False)
+    from_pixels = video.image_to_video(PROMPT, picture(), denoise=False)
+    assert np.array_equal(from_file.frames, from_pixels.frames)
+    missing = tmp_path / "missing.png"
+    assert str(missing) in refusal(lambda: video.stream(PROMPT, "i2v", image=missing))
