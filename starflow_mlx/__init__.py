@@ -15,6 +15,7 @@ _EXPORTS = {
     "sample": "sampler",
     "stream_denoise": "sampler",
     "denoise": "sampler",
+    "Pipeline": "pipeline",
 }
 
 

@@ -1,0 +1,572 @@
+"""One object for a whole pipeline folder: prompt (and image or clip) in, frames and a record out; and the exact
+likelihood of a clip under captions.
+
+``Pipeline.from_pretrained(path_or_repo)`` loads the parts of a pipeline folder (``hub.read_pipeline_folder``:
+T5 and its tokenizer, the flow, the VAE) once. Generating is a stream of events, a consumer of the sampler's:
+
+- ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
+  denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
+  ``Denoised``) in between, ``StageFinished(stage, seconds)``, and lastly ``Generated(result)``. The stages, in
+  order: ``text`` (templates and T5), ``prefix`` (image/clip to video only: VAE encode, σ noise, prefill),
+  ``sample`` (the flow's inverse), ``denoise`` (when on), ``decode`` (the VAE). Stopping the iteration (closing
+  the generator) cancels between two chunks: nothing else needs cancelling.
+- ``text_to_video``, ``text_to_image``, ``image_to_video``, ``video_to_video`` run it to the end, calling
+  ``progress(event)`` for each event and raising ``Cancelled`` as soon as ``cancel()`` (a callable or a
+  ``threading.Event``) is true.
+
+Every setting is a field of ``Settings`` (on ``config.Config``: checked on construction, one-line errors naming
+the field); ``Pipeline.settings(**overrides)`` fills those not given from the folder's ``PipelineConfig``.
+Results: ``Generation.frames`` float32 (num_samples, T, H, W, 3) in [-1, 1] (channels last, ready for
+``media.to_uint8``; one frame for an image), the final latent, and ``record`` (a JSON-ready dict of everything
+that made the sample). All randomness comes from ``mx.random.key(seed)``: the same settings and seed give the same
+frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__, arguments, hub, media, prompts
+from .config import MAX_FRAMES, Config, bounded
+from .flow import StarFlow, load_flow
+from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
+from .t5 import encode_prompts, load_t5
+from .tokenizer import T5Tokenizer
+from .weights import read_config
+
+TASKS = ("t2v", "t2i", "i2v", "v2v")
+STAGES = ("text", "prefix", "sample", "denoise", "decode")
+MAX_SAMPLES = 64
+MAX_SEED = 2**63 - 1
+# The fields of Settings whose defaults are the pipeline folder's (PipelineConfig fields of the same name).
+FOLDER_DEFAULTS = (
+    "frames", "fps", "aspect_ratio", "guidance", "jacobi", "jacobi_block_size", "jacobi_threshold",
+    "jacobi_max_iter", "denoise", "learnable_denoiser", "denoise_step_size", "target_noise_std", "context_length",
+    "attention_temperature",
+)
+
+
+class Cancelled(Exception):
+    """Generation stopped because the caller's ``cancel`` said so (between two chunks)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings(Config):
+    """Every setting of one generation (official ``sample.py`` flag in brackets). Build it with
+    ``Pipeline.settings(**overrides)``: the fields not given are the pipeline folder's defaults.
+
+    ``frames`` and ``fps`` are pixel-space; ``frames`` may pass the training length (a long video, through the
+    sliding window, ``context_length`` latent frames carried over [--target_length, --context_length]).
+    ``target_noise_std`` None is the flow's own σ. ``attention_temperature`` other than 1 is refused: the
+    released models were trained and are sampled at 1, and our attention has no temperature.
+    """
+
+    frames: int = bounded(min=1, max=MAX_FRAMES)  # --target_length
+    fps: int = bounded(min=0, max=240)  # --out_fps
+    aspect_ratio: str = bounded(choices=media.ASPECT_RATIOS)  # --aspect_ratio
+    guidance: float = bounded(min=0, max=100)  # --cfg
+    jacobi: bool  # --jacobi
+    jacobi_block_size: int = bounded(min=1, max=65536)  # --jacobi_block_size
+    jacobi_threshold: float = bounded(min=0, max=1)  # --jacobi_th
+    jacobi_max_iter: int = bounded(min=1, max=1024)  # --jacobi_max_iter
+    denoise: bool  # --finetuned_vae none
+    learnable_denoiser: bool  # not --disable_learnable_denoiser
+    denoise_step_size: float = bounded(above=0, max=100)  # --self_denoising_lr
+    target_noise_std: float | None = bounded(above=0, max=100)  # --target_noise_std
+    context_length: int = bounded(min=0, max=1024)  # --context_length
+    attention_temperature: float = bounded(above=0, max=100)  # --attn_temp
+    seed: int = bounded(0, min=0, max=MAX_SEED)  # --seed
+    num_samples: int = bounded(1, min=1, max=MAX_SAMPLES)  # --sample_batch_size
+
+    def validate(self) -> None:
+        if self.attention_temperature != 1:
+            raise ValueError(
+                f"attention_temperature {self.attention_temperature} is not supported: only 1 (the released "
+                "models' training and sampling value)"
+            )
+
+    def solver(self) -> Jacobi:
+        if not self.jacobi:
+            return SEQUENTIAL
+        return Jacobi(block_size=self.jacobi_block_size, threshold=self.jacobi_threshold, max_iter=self.jacobi_max_iter)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Events and results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """Stage ``stage`` (one of ``STAGES``) begins; ``total``: its unit count where known (latent frames)."""
+
+    stage: str
+    total: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``frames``: float32 (num_samples, T, H, W, 3) in [-1, 1]; ``latent``: the final (denoised) flow latent,
+    (num_samples, T', C, h, w) for a video flow, (num_samples, C, h, w) for an image flow; ``sampled``: the
+    latent before denoising; ``given``: the noised latent of the
+    given frames (i2v, v2v), which ``sampled`` starts with (the shallow blocks of a frame-local flow re-invert those
+    frames: exactly, up to float32, with the sequential inverse; within Jacobi's threshold otherwise);
+    ``record``: JSON-ready, see ``Pipeline.stream``."""
+
+    frames: np.ndarray
+    latent: mx.array
+    sampled: mx.array
+    given: Optional[mx.array]
+    record: dict
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The last event of ``Pipeline.stream``."""
+
+    result: Generation
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """``bits_per_dim``: float64 (len(captions),), of ``latent`` (the noisy flow latent scored, one row) under each
+    caption; ``record``: JSON-ready."""
+
+    bits_per_dim: np.ndarray
+    latent: mx.array
+    record: dict
+
+
+PipelineEvent = Union[StageStarted, StageFinished, Generated, Any]
+Media = Union[str, Path, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """A loaded pipeline folder: ``config`` (its ``PipelineConfig``), ``folder`` (``hub.PipelineFolder``),
+    ``flow``, ``text_encoder``, ``tokenizer``, ``vae`` (a ``codec.LatentCodec``)."""
+
+    def __init__(self, folder: hub.PipelineFolder, flow: StarFlow, text_encoder, tokenizer, vae, model_id: str):
+        self.folder, self.config, self.flow = folder, folder.config, flow
+        self.text_encoder, self.tokenizer, self.vae = text_encoder, tokenizer, vae
+        self.model_id = model_id
+        self.video = folder.flow_config.is_video
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str | Path, dtype: mx.Dtype | str | None = None, *, revision: str | None = None
+    ) -> "Pipeline":
+        """Load a pipeline folder, or a hub repo id of a converted pipeline (``hub.resolve_model``); ``dtype``
+        casts the floating weights of every part (e.g. "float32"; None keeps the stored ones)."""
+        root = hub.resolve_model(path_or_repo, revision=revision)
+        folder = hub.read_pipeline_folder(root)
+        text_encoder = load_t5(folder.text, dtype)
+        tokenizer = T5Tokenizer.from_folder(folder.text)
+        flow = load_flow(folder.flow, dtype)
+        vae = _load_vae(folder, dtype)
+        return cls(folder, flow, text_encoder, tokenizer, vae, str(path_or_repo))
+
+    # ---- settings ----
+    def settings(self, **overrides) -> Settings:
+        """The folder's defaults with ``overrides`` (``Settings`` field names); every value is checked, and the
+        ones this pipeline cannot make (an aspect ratio it was not trained for, a frame count the VAE cannot
+        decode, a denoiser it does not have) are refused naming the field."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Settings)})
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(Settings))
+            raise ValueError(f"unknown setting {unknown[0]!r}; settings are {known}")
+        defaults = {name: getattr(self.config, name) for name in FOLDER_DEFAULTS}
+        settings = Settings(**{**defaults, **overrides})
+        self._check_fits(settings)
+        return settings
+
+    def _check_fits(self, s: Settings) -> None:
+        if s.aspect_ratio not in self.config.aspect_ratios:
+            raise ValueError(f"aspect_ratio {s.aspect_ratio!r} is not one this pipeline was trained for: "
+                             f"{', '.join(self.config.aspect_ratios)}")
+        if not self.video and s.frames != 1:
+            raise ValueError(f"frames {s.frames}: an image pipeline makes 1 frame")
+        step = self.vae.temporal_factor
+        if (s.frames - 1) % step:
+            below = s.frames - (s.frames - 1) % step
+            raise ValueError(f"frames {s.frames} cannot be decoded: the VAE makes 1 + {step}k frames "
+                             f"(e.g. {below} or {below + step})")
+        if self.video and s.frames > 1 and s.fps < 1:
+            raise ValueError(f"fps {s.fps}: a video needs fps >= 1")
+        if s.denoise and s.learnable_denoiser and not hasattr(self.flow, "denoiser"):
+            raise ValueError("learnable_denoiser is true but this flow has no learnable denoiser; set "
+                             "learnable_denoiser=False for the gradient step")
+
+    def noise_std(self, settings: Settings) -> float:
+        return settings.target_noise_std or self.flow.config.noise_std
+
+    def pixel_size(self, settings: Settings) -> tuple[int, int]:
+        """(H, W) of a sample: the aspect-ratio bucket of the flow's training area (``dataset``'s sizes)."""
+        factor, flow = self.vae.spatial_factor, self.flow.config
+        ratio = settings.aspect_ratio if flow.mix_aspect else None
+        return media.bucket_size(ratio, flow.img_size * factor, factor * flow.patch_size)
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.vae.temporal_factor + 1
+
+    def template(self, caption: str, settings: Settings) -> str:
+        """``caption`` through the official templates the flow was trained with (fps, noise level, ratio)."""
+        flow = self.flow.config
+        return prompts.format_prompt(
+            caption,
+            fps=settings.fps if flow.fps_cond else None,
+            noise_std=self.noise_std(settings) if flow.cond_noise_level else None,
+            aspect_ratio=settings.aspect_ratio if flow.mix_aspect else None,
+        )
+
+    # ---- one-call forms ----
+    def text_to_video(self, prompt: str, *, progress=None, cancel=None, **settings) -> Generation:
+        return _run(self.stream(prompt, "t2v", **settings), progress, cancel)
+
+    def text_to_image(self, prompt: str, *, progress=None, cancel=None, **settings) -> Generation:
+        """One image: STARFlow (a T2I pipeline) or one frame of STARFlow-V (fps 0: the "An image:" template)."""
+        return _run(self.stream(prompt, "t2i", **settings), progress, cancel)
+
+    def image_to_video(self, prompt: str, image: Media, *, progress=None, cancel=None, **settings) -> Generation:
+        """A clip whose first frame is ``image`` (a PNG/JPEG/WebP path, or (H, W, 3) uint8 / float in [-1, 1]),
+        resized and centre-cropped to the bucket; its latent is the final latent's first frame."""
+        return _run(self.stream(prompt, "i2v", image=image, **settings), progress, cancel)
+
+    def video_to_video(
+        self, prompt: str, video: Media, *, given_frames: int | None = None, progress=None, cancel=None, **settings
+    ) -> Generation:
+        """``video`` continued: its last ``given_frames`` frames (1 + 4k for the Wan VAE; default: the longest
+        such count up to half of ``frames``) start the clip, the rest is sampled after them. ``video``: a path,
+        or (T, H, W, 3) frames (uint8, or float in [-1, 1])."""
+        return _run(self.stream(prompt, "v2v", video=video, given_frames=given_frames, **settings), progress, cancel)
+
+    # ---- the stream ----
+    def stream(
+        self, prompt: str, task: str = "t2v", *, image: Media | None = None, video: Media | None = None,
+        given_frames: int | None = None, **overrides,
+    ) -> Iterator[PipelineEvent]:
+        """Generate as events (module docstring). ``task``: "t2v", "t2i", "i2v" (needs ``image``), "v2v" (needs
+        ``video``); ``overrides``: ``Settings`` fields. Everything is checked before the first event.
+
+        The record: task, prompt (raw, templated, unconditional), settings (every field), size (H, W), latent
+        shape, model (id, folder, dtype, each part's ``source`` provenance with its sha256), timings per stage
+        (seconds), sampler statistics per block, bits/dim of each sampled latent under its prompt, version."""
+        task = _check_task(task)
+        prompt = arguments.prompt("prompt", prompt)
+        if task == "t2i":
+            overrides = {"frames": 1, "fps": 0, **overrides}
+        settings = self.settings(**overrides)
+        if task == "t2i" and settings.frames != 1:
+            raise ValueError(f"frames {settings.frames}: text_to_image makes 1 frame")
+        condition = self._condition(task, image, video, given_frames, settings)
+        return self._events(task, prompt, settings, condition)
+
+    def _condition(self, task, image, video, given_frames, settings) -> Optional[np.ndarray]:
+        """The given frames of i2v / v2v as pixels (T, 3, H, W) in [-1, 1]; None for t2v / t2i."""
+        if task in ("t2v", "t2i"):
+            if image is not None or video is not None:
+                raise ValueError(f"task {task} takes no image or video; use image_to_video / video_to_video")
+            return None
+        if not self.video:
+            raise ValueError(f"task {task} needs a video pipeline; this one makes images")
+        size = self.pixel_size(settings)
+        if task == "i2v":
+            if image is None:
+                raise ValueError("image_to_video needs an image")
+            return _read_image(image, size)[None]
+        if video is None:
+            raise ValueError("video_to_video needs a video")
+        given = self._given_frames(given_frames, settings)
+        return _read_clip(video, size, given, settings.fps)
+
+    def _given_frames(self, given_frames, settings: Settings) -> int:
+        step = self.vae.temporal_factor
+        if given_frames is None:
+            return 1 + step * max(0, (self.latent_frames(settings.frames) // 2) - 1)
+        given = arguments.integer("given_frames", given_frames, 1)
+        if (given - 1) % step or given >= settings.frames:
+            raise ValueError(f"given_frames {given} must be 1 + {step}k frames and fewer than frames "
+                             f"{settings.frames}")
+        return given
+
+    def _events(self, task, prompt, settings: Settings, condition) -> Iterator[PipelineEvent]:
+        keys = mx.random.split(mx.random.key(settings.seed), 3)  # noise, conditioning σ noise, VAE posterior
+        timings: dict[str, float] = {}
+        B, guidance = settings.num_samples, settings.guidance
+
+        start = time.perf_counter()
+        yield StageStarted("text", 2 if guidance > 0 else 1)
+        templated, unconditional = self.template(prompt, settings), self.template("", settings)
+        text = self._encode([templated] * B)
+        text_null = self._encode([unconditional]) if guidance > 0 else None
+        yield _end("text", start, timings)
+
+        noise = mx.random.normal(self._latent_shape(settings), key=keys[0])
+        prefix = given = None
+        if condition is not None:
+            start = time.perf_counter()
+            yield StageStarted("prefix", 1)
+            given, prefix = self._prefill(condition, settings, text, text_null, keys[1:], noise.shape[1])
+            yield _end("prefix", start, timings)
+
+        start = time.perf_counter()
+        yield StageStarted("sample", noise.shape[1] if noise.ndim == 5 else 1)
+        options = SamplerOptions(guidance=guidance, solver=settings.solver(), **self._window(noise, settings))
+        stats: SamplerStats | None = None
+        sampled = None
+        for event in stream_sample(self.flow, noise, None if prefix else text, None if prefix else text_null,
+                                   options, prefix):
+            if isinstance(event, Sampled):
+                sampled, stats = event.latent, event.stats
+            yield event
+        media.check_sample(np.array(sampled), "sample (the flow's inverse)")
+        yield _end("sample", start, timings)
+
+        latent = sampled
+        if settings.denoise:
+            start = time.perf_counter()
+            yield StageStarted("denoise", sampled.shape[1] if sampled.ndim == 5 else 1)
+            latent = yield from self._denoise(sampled, text, settings)
+            media.check_sample(np.array(latent), "denoise")
+            yield _end("denoise", start, timings)
+
+        start = time.perf_counter()
+        yield StageStarted("decode", B)
+        frames = self._decode(latent)
+        media.check_sample(frames, "decode", (-1.0, 1.0))
+        yield _end("decode", start, timings)
+
+        bits = self.flow(sampled, text).bits_per_dim()
+        record = {
+            "task": task,
+            "prompt": prompt,
+            "prompt_templated": templated,
+            "prompt_unconditional": unconditional if guidance > 0 else None,
+            "settings": dataclasses.asdict(settings),
+            "noise_std": self.noise_std(settings),
+            "size": list(self.pixel_size(settings)),
+            "frames": int(frames.shape[1]),
+            "latent_shape": list(latent.shape),
+            "given_frames": None if condition is None else int(condition.shape[0]),
+            "model": self.model_record(),
+            "timings": timings,
+            "sampler": _stats_record(stats),
+            "bits_per_dim": [float(b) for b in np.array(bits)],
+            "version": __version__,
+        }
+        yield Generated(Generation(np.clip(frames, -1.0, 1.0), latent, sampled, given, record))
+
+    def _encode(self, texts: list[str]) -> mx.array:
+        return encode_prompts(self.text_encoder, self.tokenizer, texts, self.flow.config.txt_size)
+
+    def _latent_shape(self, settings: Settings) -> tuple[int, ...]:
+        height, width = self.pixel_size(settings)
+        factor, channels = self.vae.spatial_factor, self.flow.config.in_channels
+        grid = (channels, height // factor, width // factor)
+        if not self.video:
+            return (settings.num_samples, *grid)
+        return (settings.num_samples, self.latent_frames(settings.frames), *grid)
+
+    def _window(self, noise: mx.array, settings: Settings) -> dict:
+        """The deep block's sliding window: the model's own, or for a clip longer than the training one of a model
+        without a window, the training length (``context_length`` frames carried over)."""
+        if noise.ndim != 5:
+            return {}
+        window = self.flow.config.local_attn_window
+        trained = self.latent_frames(self.config.frames)
+        if window is None and noise.shape[1] > trained:
+            window = trained
+        if window is None or window < 2:
+            return {}
+        return {"window": window, "overlap": min(settings.context_length, window - 1)}
+
+    def _prefill(self, pixels: np.ndarray, settings: Settings, text, text_null, keys, frames: int):
+        """The given frames (T, 3, H, W) encoded to the flow latent, with the model's σ noise (official
+        ``prepare_input_image``: ``add_noise``), as the prefix of every sample."""
+        latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
+        latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
+        latent = mx.broadcast_to(latent, (settings.num_samples, *latent.shape[1:]))
+        return latent, self.flow.prefill(latent, text, settings.guidance, text_null, frames=frames)
+
+    def _denoise(self, sampled: mx.array, text: mx.array, settings: Settings):
+        if settings.learnable_denoiser:
+            for event in stream_denoise(self.flow, sampled, text):
+                yield event
+                if isinstance(event, Denoised):
+                    return event.latent
+        # the gradient step x - lr * σ² * grad NLL (official self-denoising of T2I, --self_denoising_lr)
+        stepped = self.flow.gradient_denoise(sampled, text, self.noise_std(settings))
+        latent = sampled + settings.denoise_step_size * (stepped - sampled)
+        mx.eval(latent)
+        yield Denoised(latent)
+        return latent
+
+    def _decode(self, latent: mx.array) -> np.ndarray:
+        """(B, T, H, W, 3) float32 pixels, one sample at a time (the decoder's memory is per clip)."""
+        out = []
+        for row in range(latent.shape[0]):
+            pixels = self.vae.from_flow_latent(latent[row : row + 1])
+            pixels = pixels if self.video else pixels[:, None]
+            out.append(np.array(pixels.transpose(0, 1, 3, 4, 2), dtype=np.float32))
+        return np.concatenate(out)
+
+    def model_record(self) -> dict:
+        """Where the weights came from: the model argument, the folder, and each part's provenance."""
+        parts = {}
+        for name in ("flow", "text", "vae"):
+            config = read_config(getattr(self.folder, name))
+            parts[name] = {"dtype": config.get("dtype"), "quantization": config.get("quantization"),
+                           "source": config.get("source")}
+        return {"id": self.model_id, "folder": str(self.folder.root), "parts": parts}
+
+    # ---- likelihood ----
+    def log_likelihood(
+        self, media_or_frames: Media, captions: list[str] | str, *, seed: int = 0, **overrides
+    ) -> Likelihood:
+        """Bits/dim of a clip or image under each caption: the media resized and centre-cropped to the bucket
+        (``aspect_ratio``), encoded by the VAE (posterior sample), the model's σ noise added (``target_noise_std``
+        or the flow's), both from ``mx.random.key(seed)``; then the flow's exact NLL, all captions in one batch.
+        This is the likelihood of the *noisy* latent, the density the flow was trained on, not of the clean one.
+
+        ``media_or_frames``: an image or video path, or frames (T, H, W, 3) / (H, W, 3), uint8 or float in
+        [-1, 1]; a video is read for ``frames`` frames at ``fps`` (the settings'). ``overrides``: ``Settings``."""
+        captions = [captions] if isinstance(captions, str) else captions
+        captions = arguments.prompts(captions)
+        settings = self.settings(seed=seed, **overrides)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        pixels = self._scored_pixels(media_or_frames, settings)
+        keys = mx.random.split(mx.random.key(settings.seed), 2)
+        latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
+        if not self.video:
+            latent = latent[:, 0]
+        latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
+        mx.eval(latent)
+        _end("encode", start, timings)
+        start = time.perf_counter()
+        templated = [self.template(c, settings) for c in captions]
+        text = self._encode(templated)
+        _end("text", start, timings)
+        start = time.perf_counter()
+        rows = mx.broadcast_to(latent, (len(captions), *latent.shape[1:]))
+        bits = np.array(self.flow(rows, text).bits_per_dim(), dtype=np.float64)
+        _end("likelihood", start, timings)
+        if not np.all(np.isfinite(bits)):
+            raise ValueError(f"likelihood: the bits/dim hold NaN/inf ({bits.tolist()}); {media.PRECISION_FIX}")
+        record = {
+            "captions": captions, "prompts_templated": templated, "bits_per_dim": bits.tolist(),
+            "settings": dataclasses.asdict(settings), "noise_std": self.noise_std(settings),
+            "size": list(self.pixel_size(settings)), "frames": int(pixels.shape[0]),
+            "latent_shape": list(latent.shape), "model": self.model_record(), "timings": timings,
+            "version": __version__, "note": "bits/dim of the VAE latent with the model's noise added (seeded)",
+        }
+        return Likelihood(bits, latent, record)
+
+    def _scored_pixels(self, source: Media, settings: Settings) -> np.ndarray:
+        size = self.pixel_size(settings)
+        if not self.video:
+            return _read_image(source, size)[None]
+        if isinstance(source, np.ndarray) and source.ndim == 3:
+            return _read_image(source, size)[None]
+        return _read_clip(source, size, settings.frames, settings.fps, from_end=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load_vae(folder: hub.PipelineFolder, dtype):
+    if folder.vae_kind == "wan-vae":
+        from .wan_vae import load_wan_vae
+
+        return load_wan_vae(folder.vae, dtype)
+    from .sd_vae import load_sd_vae
+
+    return load_sd_vae(folder.vae, dtype)
+
+
+def _check_task(task) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r:.40}")
+    return task
+
+
+def _read_image(source: Media, size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32 in [-1, 1]."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[-1] != 3:
+            raise ValueError(f"image must be (H, W, 3), got shape {list(source.shape)}")
+        return media.prepare_image(source, size)
+    return media.read_image(source, size)
+
+
+def _read_clip(source: Media, size: tuple[int, int], frames: int, fps: int, from_end: bool = True) -> np.ndarray:
+    """``frames`` frames (T, 3, H, W) float32 in [-1, 1]: the last ones (``from_end``) or the first ones."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4 or source.shape[-1] != 3:
+            raise ValueError(f"video must be (T, H, W, 3) frames, got shape {list(source.shape)}")
+        if source.shape[0] < frames:
+            raise ValueError(f"video has {source.shape[0]} frames, {frames} are needed")
+        picked = source[-frames:] if from_end else source[:frames]
+        return np.stack([media.prepare_image(frame, size) for frame in picked])
+    return media.read_video(source, size, frames, fps=fps or None, from_end=from_end).frames
+
+
+def _end(stage: str, start: float, timings: dict) -> StageFinished:
+    timings[stage] = time.perf_counter() - start
+    return StageFinished(stage, timings[stage])
+
+
+def _stats_record(stats: SamplerStats) -> dict:
+    return {
+        str(index): {"passes": b.passes, "tokens": b.tokens, "chunks": b.chunks,
+                     "max_iterations": max(b.iterations, default=0), "reencodes": b.reencodes}
+        for index, b in sorted(stats.blocks.items())
+    }
+
+
+def _cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _run(events: Iterator[PipelineEvent], progress: Callable | None, cancel) -> Generation:
+    """Run a stream to its ``Generated`` event, calling ``progress`` on each event and checking ``cancel``."""
+    try:
+        for event in events:
+            if progress is not None:
+                progress(event)
+            if isinstance(event, Generated):
+                return event.result
+            if _cancelled(cancel):
+                raise Cancelled("generation cancelled")
+    finally:
+        events.close()
+    raise RuntimeError("the generation stream ended without a result")
