@@ -188,8 +188,8 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     condition = {"image": args.image} if task == "i2v" else {}
     if task == "v2v":
         condition = {"video": args.video, "given_frames": args.given_frames}
-    # every setting checked before the first sample (the library checks again per call)
-    pipeline.stream(args.prompt, task, **condition, **settings).close()
+    with _options_named():  # every setting checked before the first sample (the library checks again per call)
+        pipeline.stream(args.prompt, task, **condition, **settings).close()
 
     written = []
     for seed, path in zip(seeds, paths):
@@ -201,6 +201,20 @@ def generate(args: argparse.Namespace) -> list[Sample]:
 
 MAX_BEST_OF = 64
 _SUFFIX = {"t2v": ".mp4", "i2v": ".mp4", "v2v": ".mp4", "t2i": ".png"}
+
+
+@contextlib.contextmanager
+def _options_named():
+    """A refused setting named as the option the user typed (``Settings.guidance`` -> ``--cfg``)."""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        for option, field in SETTING_OPTIONS.items():
+            message = message.replace(f"Settings.{field} ", f"--{option.replace('_', '-')} ")
+        if message == str(e):
+            raise
+        raise ValueError(message) from None
 
 
 def _seed_path(out: Path, seed: int) -> Path:
@@ -358,7 +372,8 @@ def score(args: argparse.Namespace) -> dict:
     if not Path(args.media).is_file():
         raise ValueError(f"{args.media}: no such file")
     pipeline = _load(args.model, args.dtype)
-    likelihood = pipeline.log_likelihood(args.media, list(args.captions), seed=args.seed, **settings)
+    with _options_named():
+        likelihood = pipeline.log_likelihood(args.media, list(args.captions), seed=args.seed, **settings)
     record = {"media": str(args.media), **likelihood.record}
     if args.json:
         _print(json.dumps(record, indent=2, ensure_ascii=False))
@@ -392,7 +407,9 @@ def info(args: argparse.Namespace) -> dict:
         _print(json.dumps(record, indent=2, ensure_ascii=False))
         return record
     lines = [f"{name}: {_short(record[name])}" for name in INFO_FIELDS if name in record]
-    lines += [f"{name}: {_short(value)}" for name, value in record.get("settings", {}).items()]
+    if "settings" in record:
+        lines.append("settings:")
+        lines += [f"  {name}: {_short(value)}" for name, value in record["settings"].items()]
     if "model" in record:
         lines.append(f"model: {_short(record['model'].get('id'))}")
     if "timings" in record:

@@ -79,7 +79,7 @@ def test_text_to_video_writes_the_mp4_its_sidecar_and_info_reads_it_back(folders
     assert json.loads(capsys.readouterr().out) == record
     assert cli("info", out) == 0
     summary = capsys.readouterr().out
-    assert f"prompt: {PROMPT}" in summary and "seed: 3" in summary and "fps: 12" in summary
+    assert f"prompt: {PROMPT}" in summary and "  seed: 3" in summary and "  fps: 12" in summary
 
 
 def test_text_to_image_writes_a_png(folders, tmp_path, capsys):
@@ -90,6 +90,22 @@ def test_text_to_image_writes_a_png(folders, tmp_path, capsys):
     assert media.read_metadata(out)["task"] == "t2i" and media.read_metadata(out)["size"] == [8, 8]
     assert cli("info", media.sidecar_path(out), "--json") == 0
     assert json.loads(capsys.readouterr().out)["task"] == "t2i"
+
+
+def test_every_setting_option_reaches_the_record(folders, tmp_path):
+    out = tmp_path / "set.mp4"
+    assert cli("generate", PROMPT, "--model", folders["t2v"], "--out", out, "--cfg", 2, "--aspect-ratio", "1:1",
+               "--jacobi", "--jacobi-block-size", 8, "--jacobi-threshold", 0.01, "--jacobi-max-iter", 5,
+               "--gradient-denoise", "--denoise-step-size", 0.5, "--target-noise-std", 0.2, "--context-length", 1,
+               "--dtype", "float32") == 0
+    settings = media.read_metadata(out)["settings"]
+    assert {k: settings[k] for k in ("guidance", "aspect_ratio", "jacobi", "jacobi_block_size", "jacobi_threshold",
+                                     "jacobi_max_iter", "denoise", "learnable_denoiser", "denoise_step_size",
+                                     "target_noise_std", "context_length")} == {
+        "guidance": 2.0, "aspect_ratio": "1:1", "jacobi": True, "jacobi_block_size": 8, "jacobi_threshold": 0.01,
+        "jacobi_max_iter": 5, "denoise": True, "learnable_denoiser": False, "denoise_step_size": 0.5,
+        "target_noise_std": 0.2, "context_length": 1}
+    assert media.read_metadata(out)["noise_std"] == 0.2
 
 
 def test_one_frame_of_a_video_pipeline_is_a_png(folders, tmp_path):
@@ -105,6 +121,16 @@ def test_image_to_video_starts_from_the_image(folders, tmp_path):
     assert generate(folders, out, "--image", image) == 0
     record = media.read_metadata(out)
     assert record["task"] == "i2v" and record["given_frames"] == 1 and media.probe_media(out).frames == 9
+
+
+def test_video_to_video_continues_a_clip_past_the_training_length(folders, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    assert generate(folders, clip, "--no-denoise") == 0
+    out = tmp_path / "continued.mp4"
+    assert generate(folders, out, "--video", clip, "--given-frames", 5, "--frames", 13, "--no-denoise") == 0
+    record = media.read_metadata(out)
+    assert record["task"] == "v2v" and record["given_frames"] == 5 and record["settings"]["frames"] == 13
+    assert media.probe_media(out).frames == 13  # longer than the 9 frames the tiny pipeline was made for
 
 
 def png_pixels(path: Path) -> np.ndarray:
@@ -185,8 +211,8 @@ BAD_GENERATE = {
     "mp4-for-an-image": (lambda f, tmp: ["--model", f["t2i"]], ".png"),
     "unknown-suffix": (lambda f, tmp: ["--out", tmp / "out" / "clip.gif"], ".mp4"),
     "cfg-not-a-number": (lambda f, tmp: ["--cfg", "strong"], "--cfg"),
-    "cfg-out-of-range": (lambda f, tmp: ["--cfg", "-1"], "guidance"),
-    "unknown-aspect-ratio": (lambda f, tmp: ["--aspect-ratio", "7:3"], "aspect_ratio"),
+    "cfg-out-of-range": (lambda f, tmp: ["--cfg", "-1"], "--cfg must be a finite number in [0, 100], got -1"),
+    "unknown-aspect-ratio": (lambda f, tmp: ["--aspect-ratio", "7:3"], "--aspect-ratio must be one of"),
     "frames-the-vae-cannot-make": (lambda f, tmp: ["--frames", "8"], "frames 8"),
     "best-of-zero": (lambda f, tmp: ["--best-of", "0"], "--best-of"),
     "negative-seed": (lambda f, tmp: ["--seed", "-3"], "--seed"),
