@@ -1,4 +1,6 @@
-"""``starflow-mlx`` command line: ``starflow-mlx convert <kind> ...`` (generate and score come later).
+"""``starflow-mlx`` command line: ``generate`` (a prompt, and an image or a clip, in; an mp4 or PNG with its settings
+out), ``score`` (bits/dim of a clip or image under captions), ``info`` (the settings back from a written file) and
+``convert <kind>``. Results go to stdout; progress bars (stderr) and messages (``logging``) to stderr.
 
 Every failure is one line, ``error: ...``, never a traceback: exit status 2 for what the user can fix (a source, an
 argument, the output folder, a full disk, too little memory), 130 after Ctrl-C and 143 after SIGTERM (the partial
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("starflow_mlx")
 
@@ -42,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Each converter registers ``convert <kind>`` and sets ``func`` to a callable taking the parsed arguments.
     for converter in (flow, t5, wan_vae, sd_vae, pipeline):
         converter.add_parser(kinds)
+    _add_generate(commands)
+    _add_score(commands)
+    _add_info(commands)
     return parser
 
 
@@ -93,6 +101,336 @@ def _sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "float16", "bfloat16")
+# CLI option -> pipeline.Settings field; an option not given keeps the pipeline folder's default.
+SETTING_OPTIONS = {
+    "frames": "frames", "aspect_ratio": "aspect_ratio", "fps": "fps", "cfg": "guidance", "jacobi": "jacobi",
+    "jacobi_block_size": "jacobi_block_size", "jacobi_threshold": "jacobi_threshold",
+    "jacobi_max_iter": "jacobi_max_iter", "denoise": "denoise", "learnable_denoiser": "learnable_denoiser",
+    "denoise_step_size": "denoise_step_size", "target_noise_std": "target_noise_std",
+    "context_length": "context_length",
+}
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser(
+        "generate", help="a video (mp4) or image (PNG) from a prompt, and an image or clip to start from",
+        description="Sample from a pipeline folder (or a hub repo of one). Options not given take the folder's "
+        "defaults (the official sample.py settings). The settings go into the file and a .json sidecar beside it.",
+    )
+    p.add_argument("prompt", help="the caption")
+    p.add_argument("--model", required=True, help="pipeline folder, or hub repo id of a converted pipeline")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--image", default=None, help="image to video: the first frame (PNG, JPEG, WebP)")
+    given.add_argument("--video", default=None, help="video to video: continue this clip from its last frames")
+    p.add_argument("--given-frames", type=int, default=None, help="with --video: how many of its last frames to keep")
+    p.add_argument("--out", required=True, help="output file: .mp4 for a video, .png for an image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one clip per seed (-seed{S} in the names)")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="sample seeds S..S+N-1, keep the one with the lowest bits/dim under the prompt")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+    p.add_argument("--frames", type=int, default=None, help="pixel frames (past the training length: long video)")
+    p.add_argument("--aspect-ratio", default=None, help="e.g. 16:9, 1:1")
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight")
+    p.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=None,
+                   help="Jacobi iteration (--no-jacobi: the sequential inverse)")
+    p.add_argument("--jacobi-block-size", type=int, default=None)
+    p.add_argument("--jacobi-threshold", type=float, default=None)
+    p.add_argument("--jacobi-max-iter", type=int, default=None)
+    p.add_argument("--no-denoise", dest="denoise", action="store_const", const=False, default=None,
+                   help="skip the denoising step")
+    p.add_argument("--gradient-denoise", dest="learnable_denoiser", action="store_const", const=False, default=None,
+                   help="denoise with the gradient step instead of the learnable denoiser")
+    p.add_argument("--denoise-step-size", type=float, default=None, help="the gradient step's size")
+    p.add_argument("--target-noise-std", type=float, default=None, help="σ (default: the flow's)")
+    p.add_argument("--context-length", type=int, default=None, help="long video: latent frames carried over")
+    p.set_defaults(func=generate)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One written sample: where, and its record (what ``info`` reads back)."""
+
+    path: Path
+    record: dict
+
+
+def generate(args: argparse.Namespace) -> list[Sample]:
+    """``starflow-mlx generate``: every seed's sample (the best of ``--best-of`` each) written with its record."""
+    from . import arguments
+
+    best_of = arguments.integer("--best-of", args.best_of, 1, maximum=MAX_BEST_OF)
+    settings = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
+                if getattr(args, option) is not None}
+    out = Path(args.out)
+    if out.suffix.lower() not in (".mp4", ".png"):
+        raise ValueError(f"--out {out}: the name must end in .mp4 (a video) or .png (an image)")
+    if args.given_frames is not None and args.video is None:
+        raise ValueError("--given-frames goes with --video")
+    seeds = [arguments.integer("--seed", seed, 0) for seed in args.seed]
+    paths = [_seed_path(out, seed) if len(seeds) > 1 else out for seed in seeds]
+    for path in paths:
+        _check_free(path, args.overwrite)
+
+    pipeline = _load(args.model, args.dtype)
+    task = _task(pipeline, args, settings)
+    if out.suffix.lower() != _SUFFIX[task]:
+        kind = "an image" if task == "t2i" else "a video"
+        raise ValueError(f"--out {out}: task {task} makes {kind}, written as {_SUFFIX[task]}")
+    condition = {"image": args.image} if task == "i2v" else {}
+    if task == "v2v":
+        condition = {"video": args.video, "given_frames": args.given_frames}
+    with _options_named():  # every setting checked before the first sample (the library checks again per call)
+        pipeline.stream(args.prompt, task, **condition, **settings).close()
+
+    written = []
+    for seed, path in zip(seeds, paths):
+        result = _best_of(pipeline, args.prompt, task, condition, settings, seed, best_of)
+        written.append(Sample(_write(path, result, args.overwrite), result.record))
+        log.info("wrote %s (%s bits/dim)", path, _bits(result.record))
+    return written
+
+
+MAX_BEST_OF = 64
+_SUFFIX = {"t2v": ".mp4", "i2v": ".mp4", "v2v": ".mp4", "t2i": ".png"}
+
+
+@contextlib.contextmanager
+def _options_named():
+    """A refused setting named as the option the user typed (``Settings.guidance`` -> ``--cfg``)."""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        for option, field in SETTING_OPTIONS.items():
+            message = message.replace(f"Settings.{field} ", f"--{option.replace('_', '-')} ")
+        if message == str(e):
+            raise
+        raise ValueError(message) from None
+
+
+def _seed_path(out: Path, seed: int) -> Path:
+    return out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
+
+
+def _check_free(path: Path, overwrite: bool) -> None:
+    """Refused before minutes of sampling, rather than when writing (which checks again, atomically)."""
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ValueError(f"{path}: exists; pass --overwrite to replace it")
+
+
+def _load(model: str, dtype: str | None):
+    from .pipeline import Pipeline
+
+    log.info("loading %s", model)
+    return Pipeline.from_pretrained(model, dtype)
+
+
+def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
+    if args.image is not None:
+        return "i2v"
+    if args.video is not None:
+        return "v2v"
+    if not pipeline.video or settings.get("frames") == 1:
+        return "t2i"
+    return "t2v"
+
+
+def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, seed: int, n: int):
+    """Samples of seeds ``seed`` .. ``seed + n - 1``; the one with the lowest bits/dim under the prompt, its record
+    holding every candidate's score (its own seed alone regenerates it)."""
+    candidates = []
+    for candidate_seed in range(seed, seed + n):
+        result = _sample(pipeline, prompt, task, condition, {**settings, "seed": candidate_seed})
+        candidates.append(result)
+        if n > 1:
+            log.info("seed %d: %s bits/dim", candidate_seed, _bits(result.record))
+    best = min(candidates, key=lambda r: r.record["bits_per_dim"][0])
+    if n > 1:
+        best.record["best_of"] = {
+            "n": n, "seeds": list(range(seed, seed + n)),
+            "bits_per_dim": [r.record["bits_per_dim"][0] for r in candidates],
+            "kept_seed": best.record["settings"]["seed"],
+        }
+        log.info("kept seed %d of %d", best.record["settings"]["seed"], n)
+    return best
+
+
+def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict):
+    """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it."""
+    from .pipeline import Generated
+
+    progress = _Progress()
+    with contextlib.closing(pipeline.stream(prompt, task, **condition, **settings)) as events, progress:
+        for event in events:
+            progress.update(event)
+            if isinstance(event, Generated):
+                return event.result
+    raise RuntimeError("the generation stream ended without a result")
+
+
+def _write(path: Path, result, overwrite: bool) -> Path:
+    from . import media
+
+    frames = result.frames[0]
+    if path.suffix.lower() == ".png":
+        return media.write_image(path, frames[0], result.record, overwrite=overwrite)
+    return media.write_video(path, frames, result.record["settings"]["fps"], result.record, overwrite=overwrite)
+
+
+def _bits(record: dict) -> str:
+    return f"{record['bits_per_dim'][0]:.4f}"
+
+
+class _Progress:
+    """A tqdm bar per pipeline stage on stderr (units: latent frames where known), peak memory in its postfix."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, event) -> None:
+        from .pipeline import StageFinished, StageStarted
+        from .sampler import FrameSampled, FramesDenoised
+
+        if isinstance(event, StageStarted):
+            self.close()
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc=event.stage, unit="frame", file=sys.stderr, leave=False)
+        elif self.bar is None:
+            return
+        elif isinstance(event, FrameSampled):
+            self._advance_to(event.index + 1)
+        elif isinstance(event, FramesDenoised):
+            self._advance_to(event.stop)
+        elif isinstance(event, StageFinished):
+            self._advance_to(self.bar.total or 1)
+            log.debug("%s: %.2f s, peak memory %s", event.stage, event.seconds, _peak_memory())
+            self.close()
+
+    def _advance_to(self, done: int) -> None:
+        self.bar.update(max(0, min(done, self.bar.total or done) - self.bar.n))
+        self.bar.set_postfix_str(f"peak {_peak_memory()}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _peak_memory() -> str:
+    import mlx.core as mx
+
+    return f"{mx.get_peak_memory() / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score
+# ----------------------------------------------------------------------------------------------------------------
+
+SCORE_NOTE = ("bits/dim of the VAE latent with the model's σ noise added (seeded): the likelihood of the noisy "
+              "latent the flow models; lower is more likely")
+
+
+def _add_score(commands) -> None:
+    p = commands.add_parser(
+        "score", help="bits/dim of a clip or image under each caption (lower: more likely)",
+        description="Encode MEDIA with the VAE, add the model's σ noise (fixed by --seed) and print the flow's "
+        "exact negative log-likelihood in bits/dim under each caption. " + SCORE_NOTE + ".",
+    )
+    p.add_argument("media", help="image (PNG, JPEG, WebP) or video")
+    p.add_argument("captions", nargs="+", metavar="caption")
+    p.add_argument("--model", required=True, help="pipeline folder, or hub repo id of a converted pipeline")
+    p.add_argument("--seed", type=int, default=0, help="the VAE posterior and σ noise")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--frames", type=int, default=None, help="frames of a video scored (default: the folder's)")
+    p.add_argument("--fps", type=int, default=None, help="the rate the video is read at (default: the folder's)")
+    p.add_argument("--aspect-ratio", default=None)
+    p.add_argument("--target-noise-std", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=score)
+
+
+def score(args: argparse.Namespace) -> dict:
+    """``starflow-mlx score``: one line per caption (bits/dim, caption) and the note, or the record as JSON."""
+    settings = {option: getattr(args, option) for option in ("frames", "fps", "aspect_ratio", "target_noise_std")
+                if getattr(args, option) is not None}
+    if not Path(args.media).is_file():
+        raise ValueError(f"{args.media}: no such file")
+    pipeline = _load(args.model, args.dtype)
+    with _options_named():
+        likelihood = pipeline.log_likelihood(args.media, list(args.captions), seed=args.seed, **settings)
+    record = {"media": str(args.media), **likelihood.record}
+    if args.json:
+        _print(json.dumps(record, indent=2, ensure_ascii=False))
+        return record
+    for caption, bits in zip(record["captions"], record["bits_per_dim"]):
+        _print(f"{bits:.4f}  {caption}")
+    _print(f"({SCORE_NOTE})")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------------------
+
+INFO_FIELDS = ("task", "prompt", "size", "frames", "noise_std", "bits_per_dim", "given_frames", "version")
+
+
+def _add_info(commands) -> None:
+    p = commands.add_parser("info", help="the settings a generated mp4 / PNG was made with",
+                            description="Print the record stored in a file written by generate (or its sidecar).")
+    p.add_argument("file", help="mp4, PNG, or its .json sidecar")
+    p.add_argument("--json", action="store_true", help="the whole record as JSON")
+    p.set_defaults(func=info)
+
+
+def info(args: argparse.Namespace) -> dict:
+    from . import media
+
+    record = media.read_metadata(args.file)
+    if args.json:
+        _print(json.dumps(record, indent=2, ensure_ascii=False))
+        return record
+    lines = [f"{name}: {_short(record[name])}" for name in INFO_FIELDS if name in record]
+    if "settings" in record:
+        lines.append("settings:")
+        lines += [f"  {name}: {_short(value)}" for name, value in record["settings"].items()]
+    if "model" in record:
+        lines.append(f"model: {_short(record['model'].get('id'))}")
+    if "timings" in record:
+        lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in record["timings"].items()))
+    if "best_of" in record:
+        best = record["best_of"]
+        lines.append(f"best of {best['n']}: kept seed {best['kept_seed']}; bits/dim "
+                     + ", ".join(f"{b:.4f}" for b in best["bits_per_dim"]))
+    _print("\n".join(lines))
+    return record
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _print(text: str) -> None:
+    """Results, on stdout (messages go to stderr through logging)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
