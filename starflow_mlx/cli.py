@@ -291,22 +291,33 @@ def _bits(record: dict) -> str:
 
 
 class _Progress:
-    """A tqdm bar per pipeline stage on stderr (units: latent frames where known), peak memory in its postfix."""
+    """A tqdm bar per pipeline stage on stderr, kept when the stage ends, peak memory in its postfix. The sample bar
+    counts latent frames through the deep block's chunks (it is solved first, over the whole clip), then the
+    frames the shallow blocks finish."""
+
+    UNITS = {"text": "prompt", "prefix": "clip", "sample": "frame", "denoise": "frame", "decode": "clip"}
 
     def __init__(self):
         self.bar = None
+        self.deep_block = None
 
     def update(self, event) -> None:
         from .pipeline import StageFinished, StageStarted
-        from .sampler import FrameSampled, FramesDenoised
+        from .sampler import ChunkSolved, FrameSampled, FramesDenoised
 
         if isinstance(event, StageStarted):
             self.close()
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.total, desc=event.stage, unit="frame", file=sys.stderr, leave=False)
+            unit = self.UNITS.get(event.stage, "step")
+            self.bar = tqdm(total=event.total, desc=f"{event.stage:>7}", unit=unit, file=sys.stderr, leave=True)
+            self.deep_block = None
         elif self.bar is None:
             return
+        elif isinstance(event, ChunkSolved):
+            self.deep_block = event.block if self.deep_block is None else self.deep_block
+            if event.block == self.deep_block:
+                self._advance_to(self.bar.total * event.stop // event.total)
         elif isinstance(event, FrameSampled):
             self._advance_to(event.index + 1)
         elif isinstance(event, FramesDenoised):
