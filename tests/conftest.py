@@ -122,3 +122,19 @@ def tiny_video(tmp_path_factory) -> TinyVideo:
     torch.save(official_state_dict(model, config), ckpt)
     folder = convert_flow(ckpt, yaml_path, root / "mlx")
     return TinyVideo(model, config, ckpt, yaml_path, folder)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny T2V (Wan VAE) and T2I (SD VAE) pipeline folders, built once through ``convert pipeline`` from the
+    sources of ``tests.test_pipeline_folder.make_tiny_sources``."""
+    from starflow_mlx.cli import main as cli_main
+    from tests.test_pipeline_folder import make_tiny_sources
+
+    sources = make_tiny_sources(tmp_path_factory.mktemp("pipeline_sources"))
+    root = tmp_path_factory.mktemp("pipelines")
+    out = {}
+    for task in ("t2v", "t2i"):
+        out[task] = root / task
+        assert cli_main(["convert", "pipeline", *sources.local_argv(task), str(out[task])]) == 0
+    return out

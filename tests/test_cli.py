@@ -19,20 +19,8 @@ pytest.importorskip("torch")
 from starflow_mlx import media  # noqa: E402
 from starflow_mlx.cli import main as cli_main  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
-from tests.test_pipeline_folder import make_tiny_sources  # noqa: E402
 
 PROMPT = "a red car on a road"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    sources = make_tiny_sources(tmp_path_factory.mktemp("cli_sources"))
-    root = tmp_path_factory.mktemp("cli_pipelines")
-    out = {}
-    for task in ("t2v", "t2i"):
-        out[task] = root / task
-        assert cli_main(["convert", "pipeline", *sources.local_argv(task), str(out[task])]) == 0
-    return out
 
 
 def cli(*argv) -> int:

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 from starflow_mlx import media  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
-from tests.test_pipeline import PROMPT, folders, picture  # noqa: E402, F401  (folders: the module's fixture)
+from tests.test_pipeline import PROMPT, picture  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 TIMEOUT_S = 120

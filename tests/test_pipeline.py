@@ -18,26 +18,13 @@ pytest.importorskip("torch")
 
 import mlx.core as mx  # noqa: E402
 
-from starflow_mlx.cli import main as cli_main  # noqa: E402
 from starflow_mlx.pipeline import (  # noqa: E402
     STAGES, Cancelled, Generated, Pipeline, Settings, StageFinished, StageStarted,
 )
 from starflow_mlx.sampler import ChunkSolved, Denoised, Sampled  # noqa: E402
 from tests.helpers import REPO, refusal  # noqa: E402
-from tests.test_pipeline_folder import make_tiny_sources  # noqa: E402
 
 PROMPT = "a red car on a road"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    sources = make_tiny_sources(tmp_path_factory.mktemp("pipeline_sources"))
-    root = tmp_path_factory.mktemp("pipelines")
-    out = {}
-    for task in ("t2v", "t2i"):
-        out[task] = root / task
-        assert cli_main(["convert", "pipeline", *sources.local_argv(task), str(out[task])]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
