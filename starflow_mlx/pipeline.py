@@ -281,6 +281,7 @@ class Pipeline:
         settings = self.settings(**overrides)
         if task == "t2i" and settings.frames != 1:
             raise ValueError(f"frames {settings.frames}: text_to_image makes 1 frame")
+        self.check_prompt_length(self.template(prompt, settings))
         condition = self._condition(task, image, video, given_frames, settings)
         return self._events(task, prompt, settings, condition)
 
@@ -379,6 +380,14 @@ class Pipeline:
         }
         yield Generated(Generation(np.clip(frames, -1.0, 1.0), latent, sampled, given, record))
 
+    def check_prompt_length(self, templated: str, name: str = "prompt") -> None:
+        """The templated prompt and its end token must fit the flow's text window (``txt_size`` tokens): the
+        official code cuts a longer one silently, dropping the end of the caption the user wrote."""
+        tokens, window = len(self.tokenizer.encode(templated)) + 1, self.flow.config.txt_size
+        if tokens > window:
+            raise ValueError(f"{name} is too long: {tokens} tokens with the prompt template, and the model reads "
+                             f"{window}; shorten it")
+
     def _encode(self, texts: list[str]) -> mx.array:
         return encode_prompts(self.text_encoder, self.tokenizer, texts, self.flow.config.txt_size)
 
@@ -468,6 +477,8 @@ class Pipeline:
         _end("encode", start, timings)
         start = time.perf_counter()
         templated = [self.template(c, settings) for c in captions]
+        for i, t in enumerate(templated):
+            self.check_prompt_length(t, f"captions[{i}]")
         text = self._encode(templated)
         _end("text", start, timings)
         start = time.perf_counter()

@@ -275,3 +275,10 @@ def test_ctrl_c_while_writing_exits_130_and_leaves_no_file(folders, tmp_path):
     assert run.returncode == 130, run.stderr[-2000:]
     assert "error: interrupted" in run.stderr and "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_over_long_prompt_is_one_line_and_writes_nothing(folders, tmp_path, caplog, capsys):
+    assert cli("generate", "a red car drives along a coastal road " * 8, "--model", folders["t2v"],
+               "--out", tmp_path / "c.mp4") == 2
+    assert one_error(caplog, capsys).startswith("error: prompt is too long: ")
+    nothing_written(tmp_path)

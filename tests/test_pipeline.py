@@ -339,3 +339,25 @@ def test_image_to_video_from_a_file_equals_from_its_pixels(video, tmp_path):
     assert np.array_equal(from_file.frames, from_pixels.frames)
     missing = tmp_path / "missing.png"
     assert str(missing) in refusal(lambda: video.stream(PROMPT, "i2v", image=missing))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts longer than the flow's text window
+# ----------------------------------------------------------------------------------------------------------------
+
+LONG_CAPTION = "a red car drives along a coastal road at sunset " * 6
+
+
+def test_an_over_long_prompt_is_refused_not_cut(video, image):
+    window = video.flow.config.txt_size
+    for call in (lambda: video.text_to_video(LONG_CAPTION), lambda: image.text_to_image(LONG_CAPTION),
+                 lambda: video.stream(LONG_CAPTION, "t2v")):
+        message = refusal(call)
+        assert message.startswith("prompt is too long: ") and f"the model reads {window}" in message, message
+    scored = refusal(lambda: video.log_likelihood(np.stack([picture(seed=i) for i in range(9)]), [PROMPT, LONG_CAPTION]))
+    assert scored.startswith("captions[1] is too long: "), scored
+    # the longest caption that fits still runs: the limit is the window, not a guess
+    fitting = PROMPT
+    while len(video.tokenizer.encode(video.template(fitting + " x", video.settings()))) + 1 <= window:
+        fitting += " x"
+    assert video.text_to_video(fitting, frames=5, seed=1).frames.shape[1] == 5

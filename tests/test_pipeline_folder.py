@@ -43,6 +43,7 @@ T2V_YAML_CHANGES = {  # the conftest's tiny video flow, on the Wan2.2 latents (4
     "- channel_size: 6": "- channel_size: 48",
     "- vae: none": "- vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6",
     "- text: tiny-16": "- text: tiny-64",
+    "- txt_size: 5": "- txt_size: 64",  # room for the prompt templates in the tiny tokenizer's short pieces
 }
 T2I_YAML = """arguments:
 - img_size: 32
@@ -54,7 +55,7 @@ T2I_YAML = """arguments:
 - head_dim: 32
 - rope: 1
 - sos: 1
-- txt_size: 5
+- txt_size: 64
 - seq_order: L2R
 - use_softplus: 1
 - cond_top_only: 1
