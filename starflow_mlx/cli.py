@@ -129,7 +129,10 @@ def _add_generate(commands) -> None:
     given = p.add_mutually_exclusive_group()
     given.add_argument("--image", default=None, help="image to video: the first frame (PNG, JPEG, WebP)")
     given.add_argument("--video", default=None, help="video to video: continue this clip from its last frames")
-    p.add_argument("--given-frames", type=int, default=None, help="with --video: how many of its last frames to keep")
+    p.add_argument("--given-frames", type=int, default=None, help="with --video: how many of its frames to keep")
+    p.add_argument("--given-from", choices=["end", "start"], default=None,
+                   help="with --video: keep its last frames and continue it (end, the default), or keep its first "
+                        "frames and generate the rest anew (start)")
     p.add_argument("--out", required=True, help="output file: .mp4 for a video, .png for an image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one clip per seed (-seed{S} in the names)")
@@ -173,8 +176,8 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".png"):
         raise ValueError(f"--out {out}: the name must end in .mp4 (a video) or .png (an image)")
-    if args.given_frames is not None and args.video is None:
-        raise ValueError("--given-frames goes with --video")
+    if (args.given_frames is not None or args.given_from is not None) and args.video is None:
+        raise ValueError("--given-frames and --given-from go with --video")
     seeds = [arguments.integer("--seed", seed, 0) for seed in args.seed]
     paths = [_seed_path(out, seed) if len(seeds) > 1 else out for seed in seeds]
     for path in paths:
@@ -187,7 +190,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
         raise ValueError(f"--out {out}: task {task} makes {kind}, written as {_SUFFIX[task]}")
     condition = {"image": args.image} if task == "i2v" else {}
     if task == "v2v":
-        condition = {"video": args.video, "given_frames": args.given_frames}
+        condition = {"video": args.video, "given_frames": args.given_frames, "given_from": args.given_from or "end"}
     with _options_named():  # every setting checked before the first sample (the library checks again per call)
         pipeline.stream(args.prompt, task, **condition, **settings).close()
 

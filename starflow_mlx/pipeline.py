@@ -44,6 +44,8 @@ from .weights import read_config
 
 TASKS = ("t2v", "t2i", "i2v", "v2v")
 STAGES = ("text", "prefix", "sample", "denoise", "decode")
+# Which frames of a given video start the clip: its last (continuation) or its first (re-generate after them).
+GIVEN_FROM = ("end", "start")
 MAX_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 # The fields of Settings whose defaults are the pipeline folder's (PipelineConfig fields of the same name).
@@ -256,17 +258,20 @@ class Pipeline:
         return _run(self.stream(prompt, "i2v", image=image, **settings), progress, cancel)
 
     def video_to_video(
-        self, prompt: str, video: Media, *, given_frames: int | None = None, progress=None, cancel=None, **settings
+        self, prompt: str, video: Media, *, given_frames: int | None = None, given_from: str = "end", progress=None,
+        cancel=None, **settings
     ) -> Generation:
         """``video`` continued: its last ``given_frames`` frames (1 + 4k for the Wan VAE; default: the longest
-        such count up to half of ``frames``) start the clip, the rest is sampled after them. ``video``: a path,
-        or (T, H, W, 3) frames (uint8, or float in [-1, 1])."""
-        return _run(self.stream(prompt, "v2v", video=video, given_frames=given_frames, **settings), progress, cancel)
+        such count up to half of ``frames``) start the clip, the rest is sampled after them; with ``given_from``
+        "start", its first frames are kept and the rest of it is generated anew. ``video``: a path, or (T, H, W, 3)
+        frames (uint8, or float in [-1, 1])."""
+        events = self.stream(prompt, "v2v", video=video, given_frames=given_frames, given_from=given_from, **settings)
+        return _run(events, progress, cancel)
 
     # ---- the stream ----
     def stream(
         self, prompt: str, task: str = "t2v", *, image: Media | None = None, video: Media | None = None,
-        given_frames: int | None = None, **overrides,
+        given_frames: int | None = None, given_from: str = "end", **overrides,
     ) -> Iterator[PipelineEvent]:
         """Generate as events (module docstring). ``task``: "t2v", "t2i", "i2v" (needs ``image``), "v2v" (needs
         ``video``); ``overrides``: ``Settings`` fields. Everything is checked before the first event.
@@ -282,10 +287,10 @@ class Pipeline:
         if task == "t2i" and settings.frames != 1:
             raise ValueError(f"frames {settings.frames}: text_to_image makes 1 frame")
         self.check_prompt_length(self.template(prompt, settings))
-        condition = self._condition(task, image, video, given_frames, settings)
-        return self._events(task, prompt, settings, condition)
+        condition = self._condition(task, image, video, given_frames, given_from, settings)
+        return self._events(task, prompt, settings, condition, given_from if task == "v2v" else None)
 
-    def _condition(self, task, image, video, given_frames, settings) -> Optional[np.ndarray]:
+    def _condition(self, task, image, video, given_frames, given_from, settings) -> Optional[np.ndarray]:
         """The given frames of i2v / v2v as pixels (T, 3, H, W) in [-1, 1]; None for t2v / t2i."""
         if task in ("t2v", "t2i"):
             if image is not None or video is not None:
@@ -300,8 +305,10 @@ class Pipeline:
             return _read_image(image, size)[None]
         if video is None:
             raise ValueError("video_to_video needs a video")
+        if given_from not in GIVEN_FROM:
+            raise ValueError(f"given_from must be one of {', '.join(GIVEN_FROM)}, got {given_from!r}")
         given = self._given_frames(given_frames, settings)
-        return _read_clip(video, size, given, settings.fps)
+        return _read_clip(video, size, given, settings.fps, from_end=given_from == "end")
 
     def _given_frames(self, given_frames, settings: Settings) -> int:
         step = self.vae.temporal_factor
@@ -313,7 +320,7 @@ class Pipeline:
                              f"{settings.frames}")
         return given
 
-    def _events(self, task, prompt, settings: Settings, condition) -> Iterator[PipelineEvent]:
+    def _events(self, task, prompt, settings: Settings, condition, given_from) -> Iterator[PipelineEvent]:
         keys = mx.random.split(mx.random.key(settings.seed), 3)  # noise, conditioning σ noise, VAE posterior
         timings: dict[str, float] = {}
         B, guidance = settings.num_samples, settings.guidance
@@ -372,6 +379,7 @@ class Pipeline:
             "frames": int(frames.shape[1]),
             "latent_shape": list(latent.shape),
             "given_frames": None if condition is None else int(condition.shape[0]),
+            "given_from": given_from,
             "model": self.model_record(),
             "timings": timings,
             "sampler": _stats_record(stats),

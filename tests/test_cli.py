@@ -118,6 +118,7 @@ def test_video_to_video_continues_a_clip_past_the_training_length(folders, tmp_p
     assert generate(folders, out, "--video", clip, "--given-frames", 5, "--frames", 13, "--no-denoise") == 0
     record = media.read_metadata(out)
     assert record["task"] == "v2v" and record["given_frames"] == 5 and record["settings"]["frames"] == 13
+    assert record["given_from"] == "end"
     assert media.probe_media(out).frames == 13  # longer than the 9 frames the tiny pipeline was made for
 
 
@@ -205,6 +206,7 @@ BAD_GENERATE = {
     "best-of-zero": (lambda f, tmp: ["--best-of", "0"], "--best-of"),
     "negative-seed": (lambda f, tmp: ["--seed", "-3"], "--seed"),
     "given-frames-without-video": (lambda f, tmp: ["--given-frames", "5"], "--given-frames"),
+    "given-from-without-video": (lambda f, tmp: ["--given-from", "start"], "--given-from go with --video"),
     "image-and-video": (lambda f, tmp: ["--image", "a.png", "--video", "b.mp4"], "--video"),
 }
 

@@ -185,6 +185,22 @@ def test_video_to_video_continues_from_the_last_frames(video):
     assert np.array_equal(again.frames, result.frames)
 
 
+def test_video_to_video_can_keep_the_first_frames_and_regenerate_the_rest(video):
+    clip = np.stack([picture(seed=i) for i in range(9)])
+    result = video.video_to_video(PROMPT, clip, frames=9, given_frames=5, given_from="start", jacobi=False)
+    assert result.frames.shape == (1, 9, 64, 64, 3)
+    # the first 5 frames are given: changing the clip after them changes nothing, changing them does
+    changed = clip.copy()
+    changed[5:] = 0
+    again = video.video_to_video(PROMPT, changed, frames=9, given_frames=5, given_from="start", jacobi=False)
+    assert np.array_equal(again.frames, result.frames)
+    changed[:5] = 0
+    other = video.video_to_video(PROMPT, changed, frames=9, given_frames=5, given_from="start", jacobi=False)
+    assert not np.array_equal(other.given, result.given)
+    assert refusal(lambda: video.video_to_video(PROMPT, clip, given_from="middle")) == (
+        "given_from must be one of end, start, got 'middle'")
+
+
 def test_long_video_slides_the_window_past_the_training_length(video):
     assert video.config.frames == 9
     result = video.text_to_video(PROMPT, frames=21, denoise=False, context_length=1)
