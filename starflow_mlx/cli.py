@@ -271,7 +271,7 @@ def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict):
     """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it."""
     from .pipeline import Generated
 
-    progress = _Progress()
+    progress = _Progress(shallow_blocks=pipeline.flow.config.num_blocks - 1)
     with contextlib.closing(pipeline.stream(prompt, task, **condition, **settings)) as events, progress:
         for event in events:
             progress.update(event)
@@ -294,41 +294,51 @@ def _bits(record: dict) -> str:
 
 
 class _Progress:
-    """A tqdm bar per pipeline stage on stderr, kept when the stage ends, peak memory in its postfix. The sample bar
-    counts latent frames through the deep block's chunks (it is solved first, over the whole clip), then the
-    frames the shallow blocks finish."""
+    """A tqdm bar per stage on stderr, kept when it ends, peak memory in its postfix: text, prefix, then sampling in
+    two bars (the deep block over the clip's latent frames, solved first; then the shallow blocks, one by one),
+    denoise, decode."""
 
-    UNITS = {"text": "prompt", "prefix": "clip", "sample": "frame", "denoise": "frame", "decode": "clip"}
+    UNITS = {"text": "prompt", "prefix": "clip", "deep": "frame", "shallow": "block", "denoise": "frame",
+             "decode": "clip"}
 
-    def __init__(self):
+    def __init__(self, shallow_blocks: int):
+        self.shallow_blocks = shallow_blocks
         self.bar = None
         self.deep_block = None
+        self.shallow_seen: list[int] = []
 
     def update(self, event) -> None:
         from .pipeline import StageFinished, StageStarted
-        from .sampler import ChunkSolved, FrameSampled, FramesDenoised
+        from .sampler import ChunkSolved, FramesDenoised
 
         if isinstance(event, StageStarted):
-            self.close()
-            from tqdm import tqdm
-
-            unit = self.UNITS.get(event.stage, "step")
-            self.bar = tqdm(total=event.total, desc=f"{event.stage:>7}", unit=unit, file=sys.stderr, leave=True)
-            self.deep_block = None
+            self._open("deep" if event.stage == "sample" else event.stage, event.total)
+            self.deep_block, self.shallow_seen = None, []
         elif self.bar is None:
             return
         elif isinstance(event, ChunkSolved):
             self.deep_block = event.block if self.deep_block is None else self.deep_block
             if event.block == self.deep_block:
                 self._advance_to(self.bar.total * event.stop // event.total)
-        elif isinstance(event, FrameSampled):
-            self._advance_to(event.index + 1)
+            elif event.block not in self.shallow_seen:  # a shallow block starts: the one before it is done
+                if not self.shallow_seen:
+                    self._advance_to(self.bar.total)
+                    self._open("shallow", self.shallow_blocks)
+                self._advance_to(len(self.shallow_seen))
+                self.shallow_seen.append(event.block)
         elif isinstance(event, FramesDenoised):
             self._advance_to(event.stop)
         elif isinstance(event, StageFinished):
             self._advance_to(self.bar.total or 1)
             log.debug("%s: %.2f s, peak memory %s", event.stage, event.seconds, _peak_memory())
             self.close()
+
+    def _open(self, name: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.bar = tqdm(total=total, desc=f"{name:>7}", unit=self.UNITS.get(name, "step"), file=sys.stderr,
+                        leave=True)
 
     def _advance_to(self, done: int) -> None:
         self.bar.update(max(0, min(done, self.bar.total or done) - self.bar.n))
