@@ -304,6 +304,11 @@ class StarFlow(nn.Module):
         self.check_text(text, x.shape[0], required=self.text_conditioned)
         if guidance > 0 and x.shape[0] % 2:
             raise ValueError(f"guidance > 0 needs an even batch of rows [cond; uncond], got batch {x.shape[0]}")
+        return self.forward(x, text, guidance, caches)
+
+    def forward(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
+        """The forward pass on arguments already checked (``__call__`` checks them; ``prefill`` and
+        ``gradient_denoise`` check their own once, not again inside the pass or under ``mx.grad``)."""
         video = x.ndim == 5
         h = self.patchify(x)
         B, T = h.shape[:2]
@@ -357,7 +362,7 @@ class StarFlow(nn.Module):
             x = mx.concatenate([x, x])
         H, W = x.shape[-2:]
         caches = self.make_cache(frames or given, H, W, text.shape[1], self.config.local_attn_window)
-        out = self(x, text, 0.0, caches)
+        out = self.forward(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
             for i in range(len(self.blocks) - 1):
@@ -401,7 +406,7 @@ class StarFlow(nn.Module):
         self.check_text(text, x.shape[0], required=self.text_conditioned)
         sigma = self.config.noise_std if sigma is None else arguments.finite_number("sigma", sigma, positive=True)
         dims = x.size // x.shape[0]
-        grad = mx.grad(lambda v: self(v, text).loss().sum() * dims)(x.astype(mx.float32))
+        grad = mx.grad(lambda v: self.forward(v, text).loss().sum() * dims)(x.astype(mx.float32))
         return x - sigma**2 * grad
 
 
