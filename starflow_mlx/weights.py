@@ -34,7 +34,6 @@ from typing import Any, Callable, Collection, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError, read_safetensors

@@ -35,7 +35,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
 from ..config import TASK_VAE, FlowConfig, PipelineConfig, config_from_official, load_official_yaml
 from ..hub import HubFile, cached_revision, download, read_pipeline_folder
 from ..weights import (
