@@ -45,7 +45,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="converted wan-vae folder")
     p.add_argument("--t5", required=True, help="converted t5 folder")
-    p.add_argument("--txt-size", type=int, default=40)
+    p.add_argument("--txt-size", type=int, required=True, help="the flow's txt_size")
     p.add_argument("--clips", type=int, default=9600)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", required=True)

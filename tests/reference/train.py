@@ -135,7 +135,7 @@ SHAPES_YAML = """arguments:
 - rope: 1
 - pt_seq_len: 4
 - sos: 1
-- txt_size: 40
+- txt_size: 24
 - seq_order: L2R
 - use_softplus: 1
 - cond_top_only: 1
