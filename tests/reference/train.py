@@ -196,6 +196,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="train the shipped shapes flow (see the module docstring)")
     p.add_argument("--data", required=True, help="the .npz written by tests.reference.shapes_data")
     p.add_argument("--out", required=True)
+    p.add_argument("--config", type=Path, help="the model's YAML in the official format (default: SHAPES_YAML)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -213,10 +214,11 @@ def main(argv=None):
     device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    yaml_text = SHAPES_YAML if args.config is None else args.config.read_text()
     yaml_path = out / "model.yaml"
     if rank == 0:
-        yaml_path.write_text(SHAPES_YAML)
-    config = load_official_yaml_text(SHAPES_YAML, out)
+        yaml_path.write_text(yaml_text)
+    config = load_official_yaml_text(yaml_text, out)
     with np.load(args.data) as f:
         data = {k: f[k] for k in f.files}
 
@@ -234,6 +236,8 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed at step {step}", flush=True)
     local = args.batch // world
+    if rank == 0:
+        print(f"{world} process(es) on {device}, {local} clips each", flush=True)
     start = time.time()
     while step < args.steps:
         for group in optimizer.param_groups:
