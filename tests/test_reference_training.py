@@ -3,7 +3,9 @@ recipe trainer (``tests.reference.train``) regresses the denoiser on the flow's 
 steps the same in two processes as in one, resumes exactly, and drops captions at its rate."""
 
 import copy
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from starflow_mlx.config import FlowConfig, load_official_yaml
+from starflow_mlx.config import GAUSSIAN_LOG_NORM, FlowConfig, load_official_yaml
+from tests.conftest import randomize_
 from tests.helpers import REPO
 
 torch = pytest.importorskip("torch")
@@ -75,7 +78,7 @@ def trainer_yaml(tmp_path):
     return path
 
 
-def shapes_data(config: FlowConfig, clips: int = 16, captions: int = 3, seed: int = 0) -> dict:
+def tiny_shapes_data(config: FlowConfig, clips: int = 16, captions: int = 3, seed: int = 0) -> dict:
     """What ``tests.reference.shapes_data`` writes, at the tiny model's sizes: correlated latents (a flow can learn
     them), a small posterior scale, caption rows and their embeddings, the empty caption's embedding."""
     rng = np.random.default_rng(seed)
@@ -118,6 +121,13 @@ def run_in_own_session(command: list[str], timeout: float, **kwargs) -> subproce
     return subprocess.CompletedProcess(command, process.returncode, output)
 
 
+def logged_losses(log: str) -> tuple[float, ...]:
+    """(flow loss, bits/dim, denoiser loss) of the first step's log line."""
+    match = re.search(r"^step 1 loss (\S+) \((\S+) bits/dim\) denoiser (\S+) ", log, re.MULTILINE)
+    assert match, log[-3000:]
+    return tuple(map(float, match.groups()))
+
+
 def flow_and_denoiser(state: dict) -> tuple[dict, dict]:
     denoiser = {k: v for k, v in state.items() if k.startswith(train.DENOISER_PREFIX)}
     return {k: v for k, v in state.items() if k not in denoiser}, denoiser
@@ -132,31 +142,30 @@ def largest_difference(a: dict, b: dict) -> float:
 
 
 def test_training_steps_lower_the_loss():
-    from tests.reference.train import flow_loss, make_optimizer, train_step
-
     torch.manual_seed(0)
     config = FlowConfig(in_channels=4, img_size=4, channels=32, layers_per_block=[1, 1, 1], txt_size=4, txt_dim=8,
                         head_dim=16, soft_clip=4.0, seq_order="L2R")
     model = StarFlow(config)
     x = torch.randn(8, 4, 4, 4).cumsum(-1) * 0.5  # correlated data a flow can learn
     text = torch.randn(8, 4, 8)
-    loss = flow_loss(model, x, text, 0.3)
+    loss = train.flow_loss(model, x, text, 0.3)
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, no_grad
-    opt = make_optimizer(model, lr=3e-3)
+    opt = train.make_optimizer(model, lr=3e-3)
     torch.manual_seed(1)
-    losses = [train_step(model, opt, x, text, 0.3) for _ in range(30)]
+    losses = [train.train_step(model, opt, x, text, 0.3) for _ in range(30)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
 
 
 def test_two_processes_step_like_one_process_on_the_global_batch(trainer_yaml, tmp_path, monkeypatch, capsys):
     config = load_official_yaml(trainer_yaml)
-    np.savez(tmp_path / "data.npz", **shapes_data(config))
+    np.savez(tmp_path / "data.npz", **tiny_shapes_data(config))
     argv = ["--data", str(tmp_path / "data.npz"), "--config", str(trainer_yaml), "--steps", "2", "--batch", "4",
             "--lr", "1e-3", "--warmup", "1", "--save-every", "1"]
     one = trained_in_process([*argv, "--out", str(tmp_path / "one")], monkeypatch)
-    assert "1 process(es) on cpu, 4 clips each" in capsys.readouterr().out
+    one_log = capsys.readouterr().out
+    assert "1 process(es) on cpu, 4 clips each" in one_log
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                 "127.0.0.1", "--master-port", str(free_port()), "-m", "tests.reference.train"]
@@ -167,6 +176,11 @@ def test_two_processes_step_like_one_process_on_the_global_batch(trainer_yaml, t
     # rank 0 prints the process group's size, which only a gloo group of two processes reports as 2
     assert "2 process(es) on cpu, 2 clips each" in result.stdout, result.stdout[-3000:]
     two = torch.load(tmp_path / "two" / "state.pth", weights_only=True)
+    # the logged losses are the global batch's: the processes' losses averaged
+    flow_loss, bits_per_dim, denoiser_loss = logged_losses(result.stdout)
+    assert logged_losses(one_log) == pytest.approx((flow_loss, bits_per_dim, denoiser_loss), abs=2e-3)
+    nll = flow_loss / train.loss_weight(config, config.noise_std)
+    assert bits_per_dim == pytest.approx((nll + GAUSSIAN_LOG_NORM) / math.log(2), abs=2e-3)
 
     assert one["step"] == two["step"] == 2
     with torch.random.fork_rng():
@@ -175,16 +189,14 @@ def test_two_processes_step_like_one_process_on_the_global_batch(trainer_yaml, t
     split = [flow_and_denoiser(state) for state in (one["model"], two["model"], initial)]
     for index, part in enumerate(("flow", "denoiser")):
         ours, theirs, start = (halves[index] for halves in split)
-        # two AdamW steps move weights by up to ~2·lr; the runs differ by float summation order (measured 3e-7:
-        # Adam's g/√v turns a gradient's rounding into up to ~lr·1e-4)
+        # two AdamW steps move weights by up to ~2·lr; the runs differ by float summation order, which Adam's g/√v
+        # scales up for tiny gradients (measured 3e-7 at this lr, 3e-6 at lr 3e-3)
         assert largest_difference(ours, start) > 1e-3, part
         assert largest_difference(ours, theirs) < 1.5e-6, part
     assert largest_difference(one["ema"], two["ema"]) < 1.5e-6
 
 
 def tiny_flow(trainer_yaml, seed: int = 0) -> StarFlow:
-    from tests.conftest import randomize_
-
     torch.manual_seed(seed)
     model = StarFlow(load_official_yaml(trainer_yaml))
     randomize_(model, seed)  # an untrained flow is the identity, whose score is just its input
@@ -210,7 +222,7 @@ def test_denoiser_target_is_each_samples_flow_score(trainer_yaml, monkeypatch):
     model = tiny_flow(trainer_yaml)
     config, sigma = model.config, model.config.noise_std
     assert train.loss_weight(config, sigma) == pytest.approx(sigma / 0.3)  # a weight the target must divide out
-    data = shapes_data(config)
+    data = tiny_shapes_data(config)
     x, text, noise = train.global_batch(data, step=0, seed=0, batch=4, drop=0.25)
     noisy = x + sigma * noise
     expected = per_sample_score_target(model, noisy, text, sigma)
@@ -239,7 +251,7 @@ def gradients(model: torch.nn.Module) -> dict:
 def test_flow_and_denoiser_gradients_are_those_of_their_own_losses(trainer_yaml):
     model = tiny_flow(trainer_yaml)
     config, sigma = model.config, model.config.noise_std
-    x, text, noise = train.global_batch(shapes_data(config), step=0, seed=0, batch=4, drop=0.25)
+    x, text, noise = train.global_batch(tiny_shapes_data(config), step=0, seed=0, batch=4, drop=0.25)
     noisy = x + sigma * noise
     plain_flow, plain_denoiser = copy.deepcopy(model), copy.deepcopy(model)
     target = per_sample_score_target(model, noisy, text, sigma)
@@ -267,7 +279,7 @@ def test_recipe_steps_lower_the_flow_loss_and_teach_the_denoiser_the_score(train
     torch.manual_seed(0)
     model = StarFlow(load_official_yaml(trainer_yaml))
     config, sigma = model.config, model.config.noise_std
-    data = shapes_data(config)
+    data = tiny_shapes_data(config)
     untrained_denoiser = copy.deepcopy(model.learnable_self_denoiser.state_dict())
     held_out = train.global_batch(data, step=10**6, seed=0, batch=16, drop=0.0)
 
@@ -299,7 +311,7 @@ class Interrupted(Exception):
 
 def test_resumed_run_equals_a_straight_run(trainer_yaml, tmp_path, monkeypatch, capsys):
     config = load_official_yaml(trainer_yaml)
-    np.savez(tmp_path / "data.npz", **shapes_data(config))
+    np.savez(tmp_path / "data.npz", **tiny_shapes_data(config))
     argv = ["--data", str(tmp_path / "data.npz"), "--config", str(trainer_yaml), "--steps", "4", "--batch", "4",
             "--lr", "3e-3", "--warmup", "1", "--save-every", "2"]
     straight = trained_in_process([*argv, "--out", str(tmp_path / "straight")], monkeypatch)

@@ -3,7 +3,8 @@
 The pieces the tests use: ``flow_loss`` / ``train_step`` (the flow alone), and ``training_step``: the STARFlow-V
 recipe step -- Gaussian noise σ on the inputs, caption dropout done by the caller, the flow's NLL, and the
 learnable denoiser regressed on the flow's own score (flow-score matching, spec §2), gradients averaged across
-processes. ``main`` trains the model shipped in the package on the shapes latents (``tests.reference.shapes_data``)::
+processes. ``main`` trains the model shipped in the package (or the one ``--config YAML`` describes) on the shapes
+latents (``tests.reference.shapes_data``)::
 
     python -m tests.reference.train --data runs/shapes-data.npz --out runs/flow          # one process
     torchrun --nproc-per-node 2 -m tests.reference.train --data ... --out ...            # data parallel (gloo/NCCL)
@@ -253,7 +254,8 @@ def main(argv=None):
                 dist.all_reduce(losses)
                 losses /= world
             if rank == 0:
-                bpd = (losses[0].item() + GAUSSIAN_LOG_NORM) / math.log(2)
+                nll = losses[0].item() / loss_weight(config, config.noise_std)  # the loss carries the weight
+                bpd = (nll + GAUSSIAN_LOG_NORM) / math.log(2)
                 print(f"step {step} loss {losses[0].item():.4f} ({bpd:.3f} bits/dim) denoiser "
                       f"{losses[1].item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s",
                       flush=True)
