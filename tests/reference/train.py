@@ -3,7 +3,8 @@
 The pieces the tests use: ``flow_loss`` / ``train_step`` (the flow alone), and ``training_step``: the STARFlow-V
 recipe step -- Gaussian noise σ on the inputs, caption dropout done by the caller, the flow's NLL, and the
 learnable denoiser regressed on the flow's own score (flow-score matching, spec §2), gradients averaged across
-processes. ``main`` trains the model shipped in the package on the shapes latents (``tests.reference.shapes_data``)::
+processes. ``main`` trains the model shipped in the package (or the one ``--config YAML`` describes) on the shapes
+latents (``tests.reference.shapes_data``)::
 
     python -m tests.reference.train --data runs/shapes-data.npz --out runs/flow          # one process
     torchrun --nproc-per-node 2 -m tests.reference.train --data ... --out ...            # data parallel (gloo/NCCL)
@@ -196,6 +197,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="train the shipped shapes flow (see the module docstring)")
     p.add_argument("--data", required=True, help="the .npz written by tests.reference.shapes_data")
     p.add_argument("--out", required=True)
+    p.add_argument("--config", type=Path, help="the model's YAML in the official format (default: SHAPES_YAML)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -213,10 +215,11 @@ def main(argv=None):
     device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    yaml_text = SHAPES_YAML if args.config is None else args.config.read_text()
     yaml_path = out / "model.yaml"
     if rank == 0:
-        yaml_path.write_text(SHAPES_YAML)
-    config = load_official_yaml_text(SHAPES_YAML, out)
+        yaml_path.write_text(yaml_text)
+    config = load_official_yaml_text(yaml_text, out)
     with np.load(args.data) as f:
         data = {k: f[k] for k in f.files}
 
@@ -234,6 +237,8 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed at step {step}", flush=True)
     local = args.batch // world
+    if rank == 0:
+        print(f"{world} process(es) on {device}, {local} clips each", flush=True)
     start = time.time()
     while step < args.steps:
         for group in optimizer.param_groups:
@@ -249,7 +254,8 @@ def main(argv=None):
                 dist.all_reduce(losses)
                 losses /= world
             if rank == 0:
-                bpd = (losses[0].item() + GAUSSIAN_LOG_NORM) / math.log(2)
+                nll = losses[0].item() / loss_weight(config, config.noise_std)  # the loss carries the weight
+                bpd = (nll + GAUSSIAN_LOG_NORM) / math.log(2)
                 print(f"step {step} loss {losses[0].item():.4f} ({bpd:.3f} bits/dim) denoiser "
                       f"{losses[1].item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s",
                       flush=True)
