@@ -1,4 +1,8 @@
-"""STARFlow-V (text-to-video) and STARFlow (text-to-image) normalizing flows in MLX."""
+"""STARFlow-V (text-to-video) and STARFlow (text-to-image) normalizing flows in MLX.
+
+``Pipeline.from_pretrained()`` with no model loads the small STARFlow-V shipped in the package
+(``default_model()``: ``starflow_mlx/models/shapes``).
+"""
 
 __version__ = "0.1.0"
 
@@ -16,6 +20,7 @@ _EXPORTS = {
     "stream_denoise": "sampler",
     "denoise": "sampler",
     "Pipeline": "pipeline",
+    "default_model": "hub",
 }
 
 

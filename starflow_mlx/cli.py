@@ -1,6 +1,8 @@
 """``starflow-mlx`` command line: ``generate`` (a prompt, and an image or a clip, in; an mp4 or PNG with its settings
-out), ``score`` (bits/dim of a clip or image under captions), ``info`` (the settings back from a written file) and
-``convert <kind>``. Results go to stdout; progress bars (stderr) and messages (``logging``) to stderr.
+out), ``score`` (bits/dim of a clip or image under captions), ``info`` (the settings back from a written file, or
+what a model is) and ``convert <kind>``. ``--model`` is optional wherever it is taken: without it, the model shipped
+in the package (``hub.default_model``). Results go to stdout; progress bars (stderr) and messages (``logging``) to
+stderr.
 
 Every failure is one line, ``error: ...``, never a traceback: exit status 2 for what the user can fix (a source, an
 argument, the output folder, a full disk, too little memory), 130 after Ctrl-C and 143 after SIGTERM (the partial
@@ -125,7 +127,7 @@ def _add_generate(commands) -> None:
         "defaults (the official sample.py settings). The settings go into the file and a .json sidecar beside it.",
     )
     p.add_argument("prompt", help="the caption")
-    p.add_argument("--model", required=True, help="pipeline folder, or hub repo id of a converted pipeline")
+    _add_model(p)
     given = p.add_mutually_exclusive_group()
     given.add_argument("--image", default=None, help="image to video: the first frame (PNG, JPEG, WebP)")
     given.add_argument("--video", default=None, help="video to video: continue this clip from its last frames")
@@ -230,10 +232,18 @@ def _check_free(path: Path, overwrite: bool) -> None:
         raise ValueError(f"{path}: exists; pass --overwrite to replace it")
 
 
-def _load(model: str, dtype: str | None):
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    from .hub import DEFAULT_MODEL_HELP
+
+    parser.add_argument("--model", default=None, metavar="PATH_OR_REPO",
+                        help=f"pipeline folder, or hub repo id of a converted pipeline ({DEFAULT_MODEL_HELP})")
+
+
+def _load(model: str | None, dtype: str | None):
+    from .hub import DEFAULT_MODEL_ID
     from .pipeline import Pipeline
 
-    log.info("loading %s", model)
+    log.info("loading %s", DEFAULT_MODEL_ID if model is None else model)
     return Pipeline.from_pretrained(model, dtype)
 
 
@@ -378,7 +388,7 @@ def _add_score(commands) -> None:
     )
     p.add_argument("media", help="image (PNG, JPEG, WebP) or video")
     p.add_argument("captions", nargs="+", metavar="caption")
-    p.add_argument("--model", required=True, help="pipeline folder, or hub repo id of a converted pipeline")
+    _add_model(p)
     p.add_argument("--seed", type=int, default=0, help="the VAE posterior and σ noise")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--frames", type=int, default=None, help="frames of a video scored (default: the folder's)")
@@ -416,9 +426,14 @@ INFO_FIELDS = ("task", "prompt", "size", "frames", "noise_std", "bits_per_dim", 
 
 
 def _add_info(commands) -> None:
-    p = commands.add_parser("info", help="the settings a generated mp4 / PNG was made with",
-                            description="Print the record stored in a file written by generate (or its sidecar).")
-    p.add_argument("file", help="mp4, PNG, or its .json sidecar")
+    p = commands.add_parser(
+        "info", help="the settings a generated mp4 / PNG was made with, or what a model is",
+        description="Print the record stored in a file written by generate (or its sidecar); without a file, describe "
+        "a model (--model, or the one shipped with starflow-mlx) from its config files: task defaults, sizes, parts "
+        "and provenance.",
+    )
+    p.add_argument("file", nargs="?", default=None, help="mp4, PNG, or its .json sidecar")
+    _add_model(p)
     p.add_argument("--json", action="store_true", help="the whole record as JSON")
     p.set_defaults(func=info)
 
@@ -426,6 +441,10 @@ def _add_info(commands) -> None:
 def info(args: argparse.Namespace) -> dict:
     from . import media
 
+    if args.file is None:
+        return model_info(args)
+    if args.model is not None:
+        raise ValueError("info takes a FILE or --model, not both")
     record = media.read_metadata(args.file)
     if args.json:
         _print(json.dumps(record, indent=2, ensure_ascii=False))
@@ -434,8 +453,10 @@ def info(args: argparse.Namespace) -> dict:
     if "settings" in record:
         lines.append("settings:")
         lines += [f"  {name}: {_short(value)}" for name, value in record["settings"].items()]
-    if "model" in record:
-        lines.append(f"model: {_short(record['model'].get('id'))}")
+    if isinstance(record.get("model"), dict):
+        model = record["model"]
+        named = "".join(f", {key} {_short(model[key])}" for key in ("name", "version") if key in model)
+        lines.append(f"model: {_short(model.get('id'))}{named}")
     if "timings" in record:
         lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in record["timings"].items()))
     if "best_of" in record:
@@ -444,6 +465,36 @@ def info(args: argparse.Namespace) -> dict:
                      + ", ".join(f"{b:.4f}" for b in best["bits_per_dim"]))
     _print("\n".join(lines))
     return record
+
+
+def model_info(args: argparse.Namespace) -> dict:
+    """``starflow-mlx info [--model M]``: a model described from its config files (``hub.describe``), no weight
+    read."""
+    from . import hub
+
+    description = {"model": hub.DEFAULT_MODEL_ID if args.model is None else args.model,
+                   **hub.describe(hub.read_pipeline_folder(hub.resolve_model(args.model)))}
+    if args.json:
+        _print(json.dumps(description, indent=2, ensure_ascii=False))
+        return description
+    flow, parts = description["flow"], description["parts"]
+    lines = [f"{name}: {_short(description[name])}" for name in ("model", "folder", "name", "version", "task")
+             if name in description]
+    size = flow["latent_size"]
+    lines.append(f"flow: {flow['parameters']:,} parameters in {flow['blocks']} blocks; latent "
+                 f"{flow['latent_channels']} x {size} x {size}; text {flow['text_tokens']} tokens of "
+                 f"{flow['text_width']}")
+    for name, part in parts.items():
+        quantization = part["quantization"] if isinstance(part["quantization"], dict) else {}
+        bits = f", {_short(quantization['bits'])}-bit" if "bits" in quantization else ""
+        lines.append(f"{name}: {part['model_type']}, {_short(part['dtype'])}{bits}")
+    lines.append("defaults:")
+    lines += [f"  {name}: {_short(value)}" for name, value in description["defaults"].items()]
+    if description["provenance"]:
+        lines.append("provenance:")
+        lines += [f"  {name}: {_short(value)}" for name, value in description["provenance"].items()]
+    _print("\n".join(lines))
+    return description
 
 
 def _short(value) -> str:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Mapping
 
 # Keys of a converted folder's config.json that describe the folder (and companion files such as the T5
 # tokenizer), not the architecture.
-FOLDER_KEYS = ("model_type", "dtype", "quantization", "source", "converter_version", "tokenizer")
+FOLDER_KEYS = ("model_type", "dtype", "quantization", "source", "converter_version", "tokenizer", "provenance")
 
 # Sizes of the config files we read. The released YAML files are ~1 KB and Hugging Face config.json files a few
 # KB; shard indexes list one line per tensor (a few hundred KB for the largest models).

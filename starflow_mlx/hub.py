@@ -1,16 +1,25 @@
-"""Where a model comes from: a local pipeline folder or a Hugging Face hub repo, and what a pipeline folder holds.
+"""Where a model comes from: the model shipped in the package, a local pipeline folder or a Hugging Face hub repo,
+and what a pipeline folder holds.
 
+- ``default_model()``: the pipeline folder shipped inside the package (``starflow_mlx/models/shapes``, a small
+  STARFlow-V trained by ``tests/reference`` on synthetic clips of coloured shapes), found with
+  ``importlib.resources`` so that a wheel install and an editable one both find it. It is the model wherever none
+  is named: ``Pipeline.from_pretrained()`` and ``starflow-mlx generate|score|info`` without ``--model``.
 - ``resolve_model(path_or_repo_id)``: the one function behind every ``--model`` argument and
-  ``Pipeline.from_pretrained``. The rule: **an existing path wins**; otherwise a text of the form ``org/name``
-  (one ``/``, letters, digits, ``.``, ``_``, ``-``, not starting with ``.`` ``/`` or ``~``) is a hub repo id of an
-  already converted pipeline, fetched with ``snapshot_download`` (the hub cache, resumed downloads,
-  ``HF_HUB_OFFLINE``, tokens from the environment or ``hf auth login``); anything else is a missing folder. Either
-  way the folder is checked by ``read_pipeline_folder`` before it is returned. A converted repo holds the pipeline
-  folder at its root (``config.json``, ``flow/``, ``text/``, ``vae/``); nothing else in it is downloaded.
+  ``Pipeline.from_pretrained``. The rule: None is the shipped model; **an existing path wins**; otherwise a text of
+  the form ``org/name`` (one ``/``, letters, digits, ``.``, ``_``, ``-``, not starting with ``.`` ``/`` or ``~``)
+  is a hub repo id of an already converted pipeline, fetched with ``snapshot_download`` (the hub cache, resumed
+  downloads, ``HF_HUB_OFFLINE``, tokens from the environment or ``hf auth login``); anything else is a missing
+  folder. Either way the folder is checked by ``read_pipeline_folder`` before it is returned. A converted repo holds
+  the pipeline folder at its root (``config.json``, ``flow/``, ``text/``, ``vae/``); nothing else in it is
+  downloaded.
 - ``read_pipeline_folder(path) -> PipelineFolder``: a pipeline folder checked without reading any weight: its
   ``config.json`` (``config.PipelineConfig``), each part (``config.PIPELINE_PARTS``) present with the right
   ``model_type``, and the parts made for each other (the text width the flow expects, its latent channels, the
-  VAE of its task, a denoiser where the defaults use one).
+  VAE of its task, a denoiser where the defaults use one), and its ``provenance`` block where it has one (the
+  shipped model's training record: ``name``, ``version``, the training command, the checkpoint's sha256...).
+- ``model_name(folder)``, ``part_records(folder)``, ``describe(folder)``: what the records of the outputs and
+  ``starflow-mlx info`` say of a model, from its config files.
 - ``download(HubFile)``: one file through ``huggingface_hub.hf_hub_download``; every failure (offline and not
   cached, gated, private or missing repo, missing file) is one ``HubError`` line saying what is missing and how to
   get it.
@@ -20,6 +29,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import re
@@ -39,6 +49,17 @@ PIPELINE_PATTERNS = [CONFIG_NAME, *(f"{part}/*" for part in PIPELINE_PARTS)]
 # The config field of each VAE kind that gives its latent channels.
 VAE_LATENT_CHANNELS = {"wan-vae": "z_dim", "sd-vae": "latent_channels"}
 LOGIN_HINT = "log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) or set HF_TOKEN"
+# The pipeline folder shipped inside the package, under starflow_mlx/models/: the model when none is named.
+DEFAULT_MODEL = "shapes"
+DEFAULT_MODEL_ID = f"{DEFAULT_MODEL} (shipped with starflow-mlx)"
+DEFAULT_MODEL_HELP = (
+    f"default: the small STARFlow-V shipped with starflow-mlx (starflow_mlx/models/{DEFAULT_MODEL}), trained on "
+    "clips of coloured shapes moving on plain backgrounds"
+)
+# The keys of a folder's provenance block that name its model in the record of every output; the rest of the block
+# (training command, checkpoint sha256, figures) stays in its config.json.
+PROVENANCE_NAME_KEYS = ("name", "version")
+MAX_PROVENANCE_NAME = 200
 
 
 class HubError(ValueError):
@@ -69,6 +90,7 @@ class PipelineFolder:
     vae: Path
     vae_kind: str  # "wan-vae" or "sd-vae"
     flow_config: FlowConfig
+    provenance: dict | None = None  # config.json's "provenance" block (where the model came from), if any
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,11 +103,38 @@ def is_repo_id(text: str) -> bool:
     return bool(REPO_ID.fullmatch(text)) and ".." not in text
 
 
-def resolve_model(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """The pipeline folder a model argument names, checked (``read_pipeline_folder``): an existing path, or else
-    a hub repo id of a converted pipeline, downloaded into (or found in) the hub cache. ``revision`` (a branch, tag
-    or commit) applies to a repo id only. Raises ``CheckpointError`` for a missing or incomplete folder and
-    ``HubError`` for a repo that cannot be had."""
+def default_model() -> Path:
+    """The pipeline folder shipped inside the package, checked (``read_pipeline_folder``); a one-line
+    ``CheckpointError`` when an incomplete install lacks it."""
+    folder = shipped_model_location()
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder}: the model shipped with starflow-mlx is missing (an incomplete install); reinstall "
+            "starflow-mlx, or name a model: --model PATH_OR_REPO (Pipeline.from_pretrained(path_or_repo) in Python)"
+        )
+    read_pipeline_folder(folder)
+    return folder
+
+
+def shipped_model_location() -> Path:
+    """Where the shipped pipeline folder is, whether it is there or not: inside the installed package (site-packages
+    for a wheel, the source tree for an editable install)."""
+    location = importlib.resources.files(__package__) / "models" / DEFAULT_MODEL
+    if not isinstance(location, Path):  # a zipped install: the loaders read real files
+        raise CheckpointError(
+            f"{location}: the model shipped with starflow-mlx is inside an archive; install starflow-mlx unpacked "
+            "(pip install), or name a model: --model PATH_OR_REPO"
+        )
+    return location
+
+
+def resolve_model(path_or_repo_id: str | os.PathLike | None = None, *, revision: str | None = None) -> Path:
+    """The pipeline folder a model argument names, checked (``read_pipeline_folder``): None for the shipped model
+    (``default_model``), an existing path, or else a hub repo id of a converted pipeline, downloaded into (or found
+    in) the hub cache. ``revision`` (a branch, tag or commit) applies to a repo id only. Raises
+    ``CheckpointError`` for a missing or incomplete folder and ``HubError`` for a repo that cannot be had."""
+    if path_or_repo_id is None:
+        return default_model()
     text = os.fspath(path_or_repo_id)
     path = Path(text).expanduser()
     if path.exists():
@@ -186,11 +235,28 @@ def read_pipeline_folder(path: str | os.PathLike) -> PipelineFolder:
     config = _parse(PipelineConfig, raw, root / CONFIG_NAME)
     parts = {name: _part(root, name, kinds) for name, kinds in PIPELINE_PARTS.items()}
     flow_config = _parse(FlowConfig, parts["flow"], root / "flow" / CONFIG_NAME)
+    provenance = check_provenance(raw.get("provenance"), f"{root / CONFIG_NAME}: provenance", CheckpointError)
     folder = PipelineFolder(
-        root, config, root / "flow", root / "text", root / "vae", parts["vae"]["model_type"], flow_config
+        root, config, root / "flow", root / "text", root / "vae", parts["vae"]["model_type"], flow_config, provenance
     )
     _check_parts_agree(folder, parts)
     return folder
+
+
+def check_provenance(provenance, where: str, error: type[ValueError] = ValueError) -> dict | None:
+    """A provenance block (None: none) is a JSON object whose ``name`` and ``version``, where given, are short
+    strings: they go into the record of every output. ``where`` names the block in errors."""
+    if provenance is None:
+        return None
+    if not isinstance(provenance, dict):
+        raise error(f"{where} must be a JSON object {{...}}, got {shown(provenance)}")
+    try:
+        for key in PROVENANCE_NAME_KEYS:
+            if key in provenance:
+                check_value(provenance[key], str, f"{where}: {key}", {"length": (1, MAX_PROVENANCE_NAME)})
+    except ValueError as e:
+        raise error(str(e)) from None
+    return provenance
 
 
 def _parse(config_class, raw: dict, source: Path):
@@ -247,3 +313,42 @@ def _part_size(raw: dict, key: str, folder: Path) -> int:
         return check_value(raw.get(key), int, f"{folder / CONFIG_NAME}: {key}", {"min": 1})
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a pipeline folder is, in records
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_name(folder: PipelineFolder) -> dict:
+    """The provenance's ``name`` and ``version``, those it has: how output records name a shipped model."""
+    provenance = folder.provenance or {}
+    return {key: provenance[key] for key in PROVENANCE_NAME_KEYS if key in provenance}
+
+
+def part_records(folder: PipelineFolder) -> dict:
+    """Each part's kind, dtype, quantization and ``source`` block (the sha256 of every file it was converted from)."""
+    records = {}
+    for name in PIPELINE_PARTS:
+        config = read_config(getattr(folder, name))
+        records[name] = {key: config.get(key) for key in ("model_type", "dtype", "quantization", "source")}
+    return records
+
+
+def describe(folder: PipelineFolder) -> dict:
+    """A pipeline folder in one JSON-ready dict, from its config files (no weight read): its name, task defaults,
+    the flow's sizes, each part's record (``part_records``) and the whole provenance block."""
+    flow = folder.flow_config
+    return {
+        "folder": str(folder.root),
+        **model_name(folder),
+        "task": folder.config.task,
+        "defaults": {k: v for k, v in folder.config.to_dict().items() if k not in ("model_type", "task")},
+        "flow": {
+            "parameters": flow.parameter_count(), "blocks": flow.num_blocks, "latent_channels": flow.in_channels,
+            "latent_size": flow.img_size, "text_tokens": flow.txt_size, "text_width": flow.txt_dim,
+            "vid_size": flow.vid_size, "learnable_denoiser": flow.learnable_self_denoiser,
+        },
+        "parts": part_records(folder),
+        "provenance": folder.provenance,
+    }

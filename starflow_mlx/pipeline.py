@@ -2,7 +2,8 @@
 likelihood of a clip under captions.
 
 ``Pipeline.from_pretrained(path_or_repo)`` loads the parts of a pipeline folder (``hub.read_pipeline_folder``:
-T5 and its tokenizer, the flow, the VAE) once. Generating is a stream of events, a consumer of the sampler's:
+T5 and its tokenizer, the flow, the VAE) once; ``Pipeline.from_pretrained()`` loads the model shipped in the package
+(``hub.default_model``). Generating is a stream of events, a consumer of the sampler's:
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
@@ -40,7 +41,6 @@ from .flow import StarFlow, load_flow
 from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
 from .t5 import encode_prompts, load_t5
 from .tokenizer import T5Tokenizer
-from .weights import read_config
 
 TASKS = ("t2v", "t2i", "i2v", "v2v")
 STAGES = ("text", "prefix", "sample", "denoise", "decode")
@@ -179,17 +179,20 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path, dtype: mx.Dtype | str | None = None, *, revision: str | None = None
+        cls, path_or_repo: str | Path | None = None, dtype: mx.Dtype | str | None = None, *,
+        revision: str | None = None,
     ) -> "Pipeline":
-        """Load a pipeline folder, or a hub repo id of a converted pipeline (``hub.resolve_model``); ``dtype``
-        casts the floating weights of every part (e.g. "float32"; None keeps the stored ones)."""
+        """Load a pipeline folder, or a hub repo id of a converted pipeline, or with None the model shipped in the
+        package (``hub.resolve_model``); ``dtype`` casts the floating weights of every part (e.g. "float32"; None
+        keeps the stored ones)."""
         root = hub.resolve_model(path_or_repo, revision=revision)
         folder = hub.read_pipeline_folder(root)
         text_encoder = load_t5(folder.text, dtype)
         tokenizer = T5Tokenizer.from_folder(folder.text)
         flow = load_flow(folder.flow, dtype)
         vae = _load_vae(folder, dtype)
-        return cls(folder, flow, text_encoder, tokenizer, vae, str(path_or_repo))
+        model_id = hub.DEFAULT_MODEL_ID if path_or_repo is None else str(path_or_repo)
+        return cls(folder, flow, text_encoder, tokenizer, vae, model_id)
 
     # ---- settings ----
     def settings(self, **overrides) -> Settings:
@@ -277,8 +280,8 @@ class Pipeline:
         ``video``); ``overrides``: ``Settings`` fields. Everything is checked before the first event.
 
         The record: task, prompt (raw, templated, unconditional), settings (every field), size (H, W), latent
-        shape, model (id, folder, dtype, each part's ``source`` provenance with its sha256), timings per stage
-        (seconds), sampler statistics per block, bits/dim of each sampled latent under its prompt, version."""
+        shape, model (``model_record``), timings per stage (seconds), sampler statistics per block, bits/dim of each
+        sampled latent under its prompt, version."""
         task = _check_task(task)
         prompt = arguments.prompt("prompt", prompt)
         if task == "t2i":
@@ -451,13 +454,12 @@ class Pipeline:
         return np.concatenate(out)
 
     def model_record(self) -> dict:
-        """Where the weights came from: the model argument, the folder, and each part's provenance."""
-        parts = {}
-        for name in ("flow", "text", "vae"):
-            config = read_config(getattr(self.folder, name))
-            parts[name] = {"dtype": config.get("dtype"), "quantization": config.get("quantization"),
-                           "source": config.get("source")}
-        return {"id": self.model_id, "folder": str(self.folder.root), "parts": parts}
+        """Where the weights came from: the model argument (``hub.DEFAULT_MODEL_ID`` for the shipped model), the
+        folder, its provenance's name and version (``hub.model_name``), and each part's kind, dtype, quantization
+        and source files' sha256 (``hub.part_records``)."""
+        folder = self.folder
+        return {"id": self.model_id, "folder": str(folder.root), **hub.model_name(folder),
+                "parts": hub.part_records(folder)}
 
     # ---- likelihood ----
     def log_likelihood(

@@ -612,12 +612,26 @@ def _denoiser_default_without_denoiser(folder: Path) -> str:
     return f"{folder}: config.json's learnable_denoiser is true but flow/ has no learnable self-denoiser"
 
 
+def _provenance_not_an_object(folder: Path) -> str:
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "provenance": "shapes v1"}))
+    return f"{folder / 'config.json'}: provenance must be a JSON object {{...}}, got 'shapes v1'"
+
+
+def _provenance_name_not_text(folder: Path) -> str:
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "provenance": {"name": {"nested": 1}}}))
+    return f"{folder / 'config.json'}: provenance: name must be a string of at most 200 characters, got {{'nested': 1}}"
+
+
 @pytest.mark.parametrize(
     "change",
     [_missing_part, _part_without_config, _wrong_part_kind, _a_part_given_as_pipeline, _bad_default,
-     _vae_of_another_task, _latent_channels_disagree, _denoiser_default_without_denoiser],
+     _vae_of_another_task, _latent_channels_disagree, _denoiser_default_without_denoiser, _provenance_not_an_object,
+     _provenance_name_not_text],
     ids=["missing-part", "part-without-config", "wrong-part-kind", "part-given", "bad-default", "vae-of-another-task",
-         "latent-channels-disagree", "denoiser-default-without-denoiser"],
+         "latent-channels-disagree", "denoiser-default-without-denoiser", "provenance-not-an-object",
+         "provenance-name-not-text"],
 )
 def test_read_pipeline_folder_refuses_with_one_line(change, t2v_pipeline, tmp_path):
     folder = tmp_path / "pipeline"
@@ -745,3 +759,198 @@ def test_pipeline_config_refuses_absurd_defaults(fields, expected):
     with pytest.raises(ValueError) as caught:
         PipelineConfig(**fields)
     assert str(caught.value).startswith(expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task defaults and provenance (convert pipeline --default / --provenance)
+# ----------------------------------------------------------------------------------------------------------------
+
+PROVENANCE = {
+    "name": "starflow-v-shapes", "version": "1", "command": "torchrun --nproc_per_node 2 -m tests.reference.train",
+    "checkpoint_sha256": "ab" * 32, "figures": {"bits_per_dim": {"train": 1.25, "held_out": 1.5}, "steps": 4000},
+}
+
+
+def _converted_parts_argv(pipeline: Path) -> list[str]:
+    """A pipeline's own parts as the sources of another: taken as converted (linked), so nothing is converted."""
+    return ["--flow", str(pipeline / "flow"), "--t5", str(pipeline / "text"), "--vae", str(pipeline / "vae")]
+
+
+def test_defaults_and_provenance_go_into_config_json_and_the_pipeline_loads(t2v_pipeline, tmp_path):
+    from starflow_mlx.pipeline import Pipeline
+
+    provenance_file = tmp_path / "provenance.json"
+    provenance_file.write_text(json.dumps(PROVENANCE))
+    out = tmp_path / "pipeline"
+    defaults = ["guidance=3", "jacobi=false", 'aspect_ratio="1:1"', "jacobi_block_size=8", "target_noise_std=0.25",
+                "jacobi_threshold=1e-2"]
+    argv = [arg for default in defaults for arg in ("--default", default)]
+    assert cli_main(["convert", "pipeline", *_converted_parts_argv(t2v_pipeline), *argv, "--provenance",
+                     str(provenance_file), str(out)]) == 0
+
+    meta = json.loads((out / "config.json").read_text())
+    released = json.loads((t2v_pipeline / "config.json").read_text())
+    changed = {key: meta[key] for key in released if key not in ("source",) and meta[key] != released[key]}
+    assert changed == {"guidance": 3.0, "jacobi": False, "jacobi_block_size": 8, "target_noise_std": 0.25,
+                       "jacobi_threshold": 0.01}  # aspect_ratio 1:1 was the tiny flow's already
+    assert meta["provenance"] == PROVENANCE and meta["source"] == released["source"]
+    folder = hub.read_pipeline_folder(out)
+    assert folder.provenance == PROVENANCE and folder.config.guidance == 3.0
+
+    pipeline = Pipeline.from_pretrained(out)
+    record = pipeline.model_record()
+    assert (record["id"], record["name"], record["version"]) == (str(out), "starflow-v-shapes", "1")
+    assert "provenance" not in record and "command" not in json.dumps(record)  # the name only, not the whole block
+    assert pipeline.settings().guidance == 3.0 and pipeline.settings().jacobi is False
+
+    # the same from Python: a mapping of defaults (JSON values) and a provenance mapping make the same config.json
+    again = convert_pipeline(tmp_path / "again", flow=out / "flow", t5=out / "text", vae=out / "vae",
+                             defaults={"guidance": 3, "jacobi": False, "aspect_ratio": "1:1", "jacobi_block_size": 8,
+                                       "target_noise_std": 0.25, "jacobi_threshold": 0.01},
+                             provenance=PROVENANCE)
+    assert json.loads((again / "config.json").read_text()) == meta
+
+
+def test_a_folder_without_provenance_records_no_name(t2v_pipeline):
+    from starflow_mlx.pipeline import Pipeline
+
+    assert hub.read_pipeline_folder(t2v_pipeline).provenance is None
+    record = Pipeline.from_pretrained(t2v_pipeline).model_record()
+    assert sorted(record) == ["folder", "id", "parts"]
+    assert sorted(record["parts"]) == ["flow", "text", "vae"]
+    assert record["parts"]["vae"]["model_type"] == "wan-vae" and record["parts"]["flow"]["dtype"] == "float32"
+
+
+def test_default_values_are_json_scalars_or_text():
+    from starflow_mlx.convert.pipeline import parse_defaults
+
+    flags = ["a=3", "b=2.5", "c=false", "d=null", 'e="1:1"', "f=1:1", "g=", "h=x=y", "i=-0", 'j="3"']
+    assert parse_defaults(flags) == {"a": 3, "b": 2.5, "c": False, "d": None, "e": "1:1", "f": "1:1", "g": "",
+                                     "h": "x=y", "i": 0, "j": "3"}
+    assert parse_defaults(None) == {}
+
+
+def _t2i_flow_argv(src: TinySources, pipeline: Path) -> list[str]:
+    return ["--flow", str(src.image_checkpoint), "--config", str(src.image_yaml), "--t5", str(pipeline / "text"),
+            "--vae", str(src.sd_vae)]
+
+
+BAD_DEFAULTS = {  # id: (--default flags, expected error, the flow's sources)
+    "unknown-key": (["cfg=3"], "--default 'cfg': unknown task default; they are frames, fps, aspect_ratio"),
+    "task": (["task=t2i"], "--default task: the task is the flow's (t2v for a video flow, t2i for an image flow)"),
+    "wrong-type": (["guidance=strong"], "--default guidance must be a finite number in [0, 100], got 'strong'"),
+    "out-of-range": (["guidance=200"], "--default guidance must be a finite number in [0, 100], got 200"),
+    "not-finite": (["guidance=NaN"], "--default guidance must be a finite number in [0, 100], got nan"),
+    "overflow": (["guidance=1e999"], "--default guidance must be a finite number in [0, 100], got inf"),
+    "bool-not-json": (["jacobi=yes"], "--default jacobi must be true or false, got 'yes'"),
+    "integer-as-float": (["jacobi_block_size=8.5"], "--default jacobi_block_size must be an integer in [1, 65536], "
+                                                    "got 8.5"),
+    "null-not-optional": (["fps=null"], "--default fps must be an integer in [0, 240], got None"),
+    "unknown-ratio": (["aspect_ratio=7:3"], "--default aspect_ratio must be one of '1:1', '2:3'"),
+    "not-a-scalar": (['aspect_ratios=["1:1"]'], "--default 'aspect_ratios=[\"1:1\"]': the value must be a number, "
+                                                "true/false, null or text"),
+    "no-equals": (["guidance"], "--default 'guidance': expected KEY=VALUE, e.g. guidance=3"),
+    "no-key": (["=3"], "--default '=3': expected KEY=VALUE, e.g. guidance=3"),
+    "given-twice": (["guidance=3", "guidance=4"], "--default 'guidance': given twice"),
+    "ratio-not-a-bucket": (["aspect_ratio=16:9"], "--default aspect_ratio: aspect_ratio '16:9' is not one of "
+                                                  "aspect_ratios ['1:1']"),
+    "t2v-fps-0": (["fps=0"], "--default fps: a t2v pipeline needs fps >= 1, got 0"),
+    "unsupported-temperature": (["attention_temperature=2"], "--default attention_temperature: attention_temperature "
+                                                             "2.0 is not supported: only 1"),
+    "t2i-frames": (["frames=5"], "--default frames: a t2i pipeline makes one frame at fps 0, got frames 5, fps 0"),
+    "denoiser-the-flow-lacks": (["learnable_denoiser=true"], "--default learnable_denoiser: learnable_denoiser is "
+                                                             "true but the flow has no learnable self-denoiser"),
+}
+T2I_CASES = ("t2i-frames", "denoiser-the-flow-lacks")
+
+
+@pytest.mark.parametrize("case", list(BAD_DEFAULTS), ids=list(BAD_DEFAULTS))
+def test_bad_defaults_are_one_line_and_write_nothing(case, t2v_pipeline, tiny_sources, tmp_path, caplog, capsys):
+    flags, expected = BAD_DEFAULTS[case]
+    sources = (_t2i_flow_argv(tiny_sources, t2v_pipeline) if case in T2I_CASES
+               else _converted_parts_argv(t2v_pipeline))
+    out = tmp_path / "pipeline"
+    argv = [arg for flag in flags for arg in ("--default", flag)]
+    assert cli_main(["convert", "pipeline", *sources, *argv, str(out)]) == 2
+    assert _one_error(caplog).startswith(f"error: {expected}")
+    _nothing_written(out)
+
+
+def _provenance_file(tmp: Path, text: str | bytes) -> Path:
+    path = tmp / "provenance.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+BAD_PROVENANCE_FILES = {  # id: (file contents, None: no file; expected error after "--provenance FILE")
+    "missing": (None, ": no such file"),
+    "not-json": ("name: shapes", ": invalid JSON: Expecting value: line 1 column 1 (char 0)"),
+    "not-an-object": ('["shapes", 1]', ": expected a JSON object {...}, got a list"),
+    "not-finite": ('{"bits_per_dim": NaN}', ": NaN is not allowed (only finite numbers)"),
+    "not-utf8": (b'{"name": "\xff"}', ": not UTF-8 text (byte 0xff at offset 10)"),
+    "too-large": ('{"log": "' + "x" * (64 << 10) + '"}', ": larger than the 65,536-byte limit for this kind of file"),
+    "too-deep": ('{"a": ' * 40 + "1" + "}" * 40, ": JSON nested deeper than 32 levels"),
+    "name-not-text": ('{"name": 7}', ": name must be a string of at most 200 characters, got 7"),
+    "version-too-long": ('{"version": "' + "9" * 201 + '"}', ": version must be a string of at most 200 characters"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROVENANCE_FILES), ids=list(BAD_PROVENANCE_FILES))
+def test_bad_provenance_files_are_one_line_and_write_nothing(case, t2v_pipeline, tmp_path, caplog):
+    text, expected = BAD_PROVENANCE_FILES[case]
+    path = tmp_path / "provenance.json" if text is None else _provenance_file(tmp_path, text)
+    out = tmp_path / "pipeline"
+    assert cli_main(["convert", "pipeline", *_converted_parts_argv(t2v_pipeline), "--provenance", str(path),
+                     str(out)]) == 2
+    assert _one_error(caplog).startswith(f"error: --provenance {path}{expected}")
+    _nothing_written(out)
+
+
+class _Unserialisable:
+    pass
+
+
+BAD_PROVENANCE_VALUES = {  # id: (the Python value, expected error)
+    "not-a-mapping": ([1, 2], "provenance must be a mapping or the path of a JSON file, got [1, 2]"),
+    "not-json-ready": ({"model": _Unserialisable()}, "provenance is not JSON-ready: Object of type _Unserialisable"),
+    "not-finite": ({"loss": float("inf")}, "provenance is not JSON-ready: Out of range float values"),
+    "too-large": ({"log": "x" * (64 << 10)}, "provenance: 65,547 bytes of JSON, over the 65,536-byte limit"),
+    "name-not-text": ({"name": ["a"]}, "provenance: name must be a string of at most 200 characters, got ['a']"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROVENANCE_VALUES), ids=list(BAD_PROVENANCE_VALUES))
+def test_bad_provenance_values_are_refused_before_writing(case, t2v_pipeline, tmp_path):
+    value, expected = BAD_PROVENANCE_VALUES[case]
+    out = tmp_path / "pipeline"
+    with pytest.raises(ValueError) as caught:
+        convert_pipeline(out, flow=t2v_pipeline / "flow", t5=t2v_pipeline / "text", vae=t2v_pipeline / "vae",
+                         provenance=value)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("value", [["1:1"], "3", None], ids=["list", "text", "none-is-no-defaults"])
+def test_defaults_from_python_are_checked_as_mappings(value, t2v_pipeline, tmp_path):
+    out = tmp_path / "pipeline"
+    parts = {"flow": t2v_pipeline / "flow", "t5": t2v_pipeline / "text", "vae": t2v_pipeline / "vae"}
+    if value is None:
+        convert_pipeline(out, **parts, defaults=None)
+        assert hub.read_pipeline_folder(out).config == hub.read_pipeline_folder(t2v_pipeline).config
+        return
+    with pytest.raises(ValueError, match=r"^defaults must be a mapping of task defaults, got "):
+        convert_pipeline(out, **parts, defaults=value)
+    _nothing_written(out)
+
+
+def test_overwrite_never_deletes_the_provenance_file_it_reads(t2v_pipeline, tmp_path, caplog):
+    out = tmp_path / "pipeline"
+    shutil.copytree(t2v_pipeline, out)
+    inside = _provenance_file(out, json.dumps(PROVENANCE))  # the user keeps it in the folder being replaced
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert cli_main(["convert", "pipeline", *_converted_parts_argv(t2v_pipeline), "--provenance", str(inside),
+                     str(out), "--overwrite"]) == 2
+    assert _one_error(caplog) == (f"error: {out}: holds the source {inside}, which writing the output there could "
+                                  "delete; choose an output folder outside it")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert json.loads(inside.read_text()) == PROVENANCE

@@ -1,10 +1,11 @@
 """A whole pipeline folder (``starflow-mlx convert pipeline OUT``): everything generating needs, in one folder.
 
-OUT holds ``config.json`` (``config.PipelineConfig``: the task defaults of the flow, plus ``source`` and
-``converter_version``) and three converted folders: ``flow/``, ``text/`` (the T5 encoder and its tokenizer) and
-``vae/`` (the Wan2.2 VAE for a video flow, the SD VAE for an image flow). Each part is written by its own converter
-into OUT's temporary folder, the whole is checked (``hub.read_pipeline_folder``: the parts made for each other) and
-put in place with one rename (``weights.staged_model_folder``): OUT is complete or as it was.
+OUT holds ``config.json`` (``config.PipelineConfig``: the task defaults of the flow, plus ``source``,
+``converter_version`` and, where given, ``provenance``) and three converted folders: ``flow/``, ``text/`` (the T5
+encoder and its tokenizer) and ``vae/`` (the Wan2.2 VAE for a video flow, the SD VAE for an image flow). Each part is
+written by its own converter into OUT's temporary folder, the whole is checked (``hub.read_pipeline_folder``: the
+parts made for each other) and put in place with one rename (``weights.staged_model_folder``): OUT is complete or as
+it was.
 
 Each part comes from a local flag or, with ``--from-hub``, from the released sources (``hub.download``: the hub
 cache, resumed downloads, ``HF_HUB_OFFLINE``, tokens from the environment):
@@ -21,6 +22,12 @@ cache, resumed downloads, ``HF_HUB_OFFLINE``, tokens from the environment):
 A converted part folder is taken as it is (hard-linked where possible, else copied): ``--dtype`` and ``--q-bits``
 apply to the parts converted here (``--q-bits`` to the flow and T5 only).
 
+Task defaults are the released ones for the flow (``PipelineConfig.for_flow``); ``--default KEY=VALUE`` (Python:
+``defaults={...}``) overrides them, each checked as ``PipelineConfig`` and generating (``pipeline.Settings``) check
+it. ``--provenance FILE.json`` (Python: ``provenance={...}`` or a path) stores a JSON object as ``provenance``:
+where the model came from (the shipped model: its name and version, training command, the PyTorch checkpoint's
+sha256, the training figures); its ``name`` and ``version`` go into the record of every output.
+
 Built-in configs: the official code reads a checkpoint's YAML from its own git repository (``configs/``), not from
 the hub, and ``apple/starflow`` is not known to carry them; so the values of the two released YAMLs that the model
 uses are kept here as data (``RELEASES``), and ``--config`` replaces them.
@@ -28,6 +35,7 @@ uses are kept here as data (``RELEASES``), and ``--config`` replaces them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,8 +43,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import TASK_VAE, FlowConfig, PipelineConfig, config_from_official, load_official_yaml
-from ..hub import HubFile, cached_revision, download, read_pipeline_folder
+from ..config import (
+    TASK_VAE,
+    FlowConfig,
+    PipelineConfig,
+    config_from_official,
+    load_official_yaml,
+    parse_json_object,
+    read_json_object,
+    shown,
+)
+from ..hub import HubFile, cached_revision, check_provenance, download, read_pipeline_folder
 from ..weights import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -56,6 +73,10 @@ from .wan_vae import convert_wan_vae
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = "1"
+# The task defaults --default may set: every PipelineConfig field but the task, which is the flow's.
+TASK_DEFAULTS = tuple(f.name for f in dataclasses.fields(PipelineConfig) if f.name != "task")
+# A provenance block is a short record (a command, a checksum, a few figures), copied into every copy of the model.
+MAX_PROVENANCE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -126,29 +147,36 @@ def convert_pipeline(
     q_bits: int | None = None,
     q_group_size: int = 64,
     overwrite: bool = False,
+    defaults: dict | None = None,
+    provenance: dict | str | os.PathLike | None = None,
 ) -> Path:
     """Build the pipeline folder ``out_dir`` (see the module docstring); returns its absolute path.
 
     ``flow``/``config``/``t5``/``vae`` are local sources (or converted part folders); a part not given comes from
     the hub with ``from_hub`` and is an error without. ``task`` ("t2v" or "t2i") picks the released flow to
-    download (default t2v) and, when the flow is local, must be the flow's.
+    download (default t2v) and, when the flow is local, must be the flow's. ``defaults``: task defaults that replace
+    the released ones (``TASK_DEFAULTS`` names); ``provenance``: a JSON-ready mapping, or the path of a JSON file
+    holding one, stored in config.json.
     """
     flow, config, t5, vae = (Path(p) if p is not None else None for p in (flow, config, t5, vae))
     _check_arguments(flow, config, t5, vae, from_hub, task)
-    named = [p for p in (flow, config, t5, vae) if p is not None] + _hub_cache(from_hub, flow, t5, vae)
+    overrides = _check_defaults(defaults)
+    provenance_file = Path(provenance) if isinstance(provenance, (str, os.PathLike)) else None
+    provenance = _provenance(provenance)
+    named = [p for p in (flow, config, t5, vae, provenance_file) if p is not None] + _hub_cache(from_hub, flow, t5, vae)
     out = check_output(out_dir, dtype, overwrite, named)
 
     flow_source, flow_config, config_name = _flow_source(flow, config, task)
-    defaults = PipelineConfig.for_flow(flow_config)
+    task_defaults = _task_defaults(flow_config, overrides)
     sources = {"flow": flow_source, "text": _text_source(t5), "vae": _vae_source(vae, flow_config)}
     with staged_model_folder(out, overwrite, named) as staging:
         try:
             _write_parts(staging, sources, flow_config, config_name, dtype, q_bits, q_group_size)
-            _write_config(staging, defaults, sources)
+            _write_config(staging, task_defaults, sources, provenance)
             read_pipeline_folder(staging)
         except ValueError as e:  # name the part where it will be, not the temporary folder
             raise type(e)(str(e).replace(str(staging), str(out))) from None
-    log.info("wrote the %s pipeline %s", defaults.task, out)
+    log.info("wrote the %s pipeline %s", task_defaults.task, out)
     return out
 
 
@@ -164,6 +192,82 @@ def _check_arguments(flow, config, t5, vae, from_hub: bool, task: str | None) ->
                 f"convert pipeline: --{flag} is missing; pass its local source, or --from-hub to download it "
                 f"from {hub_sources[flag]}"
             )
+
+
+def _check_defaults(defaults: dict | None) -> dict:
+    """Each task default given, checked as its ``PipelineConfig`` field (before any download or write)."""
+    if defaults is None:
+        return {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"defaults must be a mapping of task defaults, got {shown(defaults)}")
+    for key in defaults:
+        if key == "task":
+            raise ValueError("--default task: the task is the flow's (t2v for a video flow, t2i for an image flow)")
+        if key not in TASK_DEFAULTS:
+            raise ValueError(f"--default {shown(key, 40)}: unknown task default; they are {', '.join(TASK_DEFAULTS)}")
+    return {key: PipelineConfig.check_field(key, value, f"--default {key}") for key, value in defaults.items()}
+
+
+def _task_defaults(flow: FlowConfig, overrides: dict) -> PipelineConfig:
+    """The released defaults for ``flow`` with ``overrides``, refused (naming them) where they disagree with each
+    other, with the flow, or with what generating accepts (``pipeline.Settings``)."""
+    from ..pipeline import FOLDER_DEFAULTS, Settings
+
+    released = PipelineConfig.for_flow(flow)
+    if not overrides:
+        return released
+    try:
+        defaults = dataclasses.replace(released, **overrides)
+        Settings(**{name: getattr(defaults, name) for name in FOLDER_DEFAULTS})
+        if defaults.learnable_denoiser and not flow.learnable_self_denoiser:
+            raise ValueError("learnable_denoiser is true but the flow has no learnable self-denoiser")
+    except ValueError as e:
+        raise ValueError(f"--default {', '.join(overrides)}: {e}") from None
+    return defaults
+
+
+def parse_defaults(flags: list[str] | None) -> dict:
+    """``--default KEY=VALUE`` flags as a mapping; VALUE is read as a JSON scalar (``3``, ``2.5``, ``false``,
+    ``null``, ``"1:1"``), or taken as text when it is not JSON (``1:1``)."""
+    defaults = {}
+    for flag in flags or ():
+        key, equals, text = flag.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--default {shown(flag, 60)}: expected KEY=VALUE, e.g. guidance=3")
+        if key in defaults:
+            raise ValueError(f"--default {shown(key, 40)}: given twice")
+        try:
+            value = json.loads(text)
+        except ValueError:  # not JSON: the text itself
+            value = text
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"--default {shown(flag, 60)}: the value must be a number, true/false, null or text")
+        defaults[key] = value
+    return defaults
+
+
+def _provenance(provenance: dict | str | os.PathLike | None) -> dict | None:
+    """The provenance block to store, bounded as config files are (size, nesting, finite numbers), with a short
+    ``name`` and ``version`` (``hub.check_provenance``): a mapping, or a JSON file holding one."""
+    if provenance is None:
+        return None
+    if isinstance(provenance, (str, os.PathLike)):
+        where = f"--provenance {provenance}"
+        try:
+            return check_provenance(read_json_object(provenance, MAX_PROVENANCE_BYTES), where)
+        except ValueError as e:
+            message = str(e)
+            raise ValueError(message if message.startswith(where) else f"--provenance {message}") from None
+    if not isinstance(provenance, dict):
+        raise ValueError(f"provenance must be a mapping or the path of a JSON file, got {shown(provenance)}")
+    try:
+        text = json.dumps(provenance, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"provenance is not JSON-ready: {e}") from None
+    size = len(text.encode())
+    if size > MAX_PROVENANCE_BYTES:
+        raise ValueError(f"provenance: {size:,} bytes of JSON, over the {MAX_PROVENANCE_BYTES:,}-byte limit")
+    return check_provenance(parse_json_object(text, "provenance"), "provenance")
 
 
 def _hub_cache(from_hub: bool, *local) -> list[str]:
@@ -315,15 +419,19 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_config(staging: Path, defaults: PipelineConfig, sources: dict[str, PartSource]) -> None:
-    """config.json: the flow's task defaults, and where each part came from (its own source block, with the sha256
-    of every source file, and the hub repo and revision it was downloaded from)."""
+def _write_config(
+    staging: Path, defaults: PipelineConfig, sources: dict[str, PartSource], provenance: dict | None
+) -> None:
+    """config.json: the task defaults, where each part came from (its own source block, with the sha256 of every
+    source file, and the hub repo and revision it was downloaded from), and the model's provenance if given."""
     source = {}
     for name, part in sources.items():
         source[name] = read_config(staging / name).get("source", {})
         if part.hub:
             source[name] = {**source[name], "hub": part.hub}
     meta = {**defaults.to_dict(), "source": source, "converter_version": CONVERTER_VERSION}
+    if provenance is not None:
+        meta["provenance"] = provenance
     (staging / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
 
@@ -346,10 +454,21 @@ def add_parser(subparsers) -> None:
         "--task", choices=list(RELEASES), default=None,
         help="the released model to download: t2v (STARFlow-V 7B, default) or t2i (STARFlow 3B)",
     )
+    p.add_argument(
+        "--default", action="append", default=None, metavar="KEY=VALUE",
+        help="replace a task default in config.json (repeatable), e.g. guidance=3, jacobi=false, aspect_ratio=1:1; "
+        f"the keys: {', '.join(TASK_DEFAULTS)}",
+    )
+    p.add_argument(
+        "--provenance", default=None, metavar="FILE.json",
+        help="a JSON object stored as config.json's provenance (e.g. name, version, training command, checkpoint "
+        "sha256); its name and version go into every output's record",
+    )
     add_output_arguments(p, quantize=True)
     p.set_defaults(
         func=lambda a: convert_pipeline(
             a.out, flow=a.flow, config=a.config, t5=a.t5, vae=a.vae, from_hub=a.from_hub, task=a.task,
             dtype=a.dtype, q_bits=a.q_bits, q_group_size=a.q_group_size, overwrite=a.overwrite,
+            defaults=parse_defaults(a.default), provenance=a.provenance,
         )
     )
