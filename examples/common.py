@@ -14,16 +14,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     """A parser for an example whose module docstring is ``doc``; ``--out`` is its output file."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="the caption to generate from")
-    # the released pipeline cannot be fetched offline, so there is no default to fall back on
-    p.add_argument("--model", required=True, help="a converted pipeline folder or its hub repo id")
+    p.add_argument("--model", default=None,
+                   help="a converted pipeline folder or its hub repo id (default: the small model shipped in the package)")
     p.add_argument("--out", required=True, type=Path, help="the output file (.mp4 for a video, .png for an image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="cast the weights, e.g. float32 (default: as stored)")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=None, help="quantize the flow and T5 as they load")
     return p
 
 
 def load(args: argparse.Namespace) -> Pipeline:
-    return Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    return Pipeline.from_pretrained(args.model, dtype=args.dtype, q_bits=args.q_bits)
 
 
 def save(result, out: Path, row: int = 0) -> Path:

@@ -1,6 +1,6 @@
 """Image to video: a clip whose first frame is the given image (resized and centre-cropped to the bucket).
 
-    python examples/image_to_video.py "the waves roll in" --image beach.jpg --model PIPELINE --out beach.mp4
+    python examples/image_to_video.py "a blue circle moving up" --image first.png --out circle.mp4
 """
 
 from pathlib import Path

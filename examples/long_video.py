@@ -1,7 +1,7 @@
 """A long video: more frames than the model was trained on, through the deep block's sliding window
 (``--context-length`` latent frames carried from one window to the next).
 
-    python examples/long_video.py "a timelapse of clouds over mountains" --frames 161 --model PIPELINE --out clouds.mp4
+    python examples/long_video.py "a yellow triangle moving left" --frames 49 --out long.mp4
 """
 
 from common import load, parser, run, save

@@ -1,7 +1,7 @@
 """Best of N by likelihood: sample N seeds, score each sample under the prompt (bits/dim of its noisy latent, the
 density the flow was trained on), keep the lowest, and print all N.
 
-    python examples/score_and_best_of.py "a cat jumping onto a sofa" --n 4 --model PIPELINE --out cat.mp4
+    python examples/score_and_best_of.py "a green square moving down" --n 4 --out best.mp4
 """
 
 from common import load, parser, run, save

@@ -1,6 +1,7 @@
 """Text to image: a PNG from STARFlow (a T2I pipeline) or one frame of STARFlow-V.
 
-    python examples/text_to_image.py "a lighthouse at dusk, oil painting" --model PIPELINE --out lighthouse.png
+    python examples/text_to_image.py "a white circle moving down" --out frame.png          # the shipped model's frame 0
+    python examples/text_to_image.py "a lighthouse at dusk, oil painting" --model T2I_PIPELINE --out lighthouse.png
 """
 
 from common import load, parser, run, save

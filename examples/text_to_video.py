@@ -1,6 +1,6 @@
 """Text to video: a prompt in, an H.264 mp4 out (the record in its metadata and a .json sidecar).
 
-    python examples/text_to_video.py "a red car on a coastal road" --model PIPELINE --out car.mp4
+    python examples/text_to_video.py "a red square moving right" --out clip.mp4
 """
 
 from common import load, parser, run, save

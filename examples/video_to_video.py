@@ -1,8 +1,8 @@
 """Video to video: continue a clip. Its last ``--given-frames`` frames start the new clip, the rest is sampled
 after them under the prompt.
 
-    python examples/video_to_video.py "the car turns left" --video drive.mp4 --frames 41 --given-frames 21 \\
-        --model PIPELINE --out drive_continued.mp4
+    python examples/video_to_video.py "a red square moving right" --video clip.mp4 --frames 33 --given-frames 9 \\
+        --out continued.mp4
 """
 
 from pathlib import Path

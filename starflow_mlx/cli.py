@@ -141,6 +141,7 @@ def _add_generate(commands) -> None:
     p.add_argument("--best-of", type=int, default=1, metavar="N",
                    help="sample seeds S..S+N-1, keep the one with the lowest bits/dim under the prompt")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: as stored)")
+    _add_quantization(p)
     p.add_argument("--frames", type=int, default=None, help="pixel frames (past the training length: long video)")
     p.add_argument("--aspect-ratio", default=None, help="e.g. 16:9, 1:1")
     p.add_argument("--fps", type=int, default=None)
@@ -185,7 +186,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     for path in paths:
         _check_free(path, args.overwrite)
 
-    pipeline = _load(args.model, args.dtype)
+    pipeline = _load(args)
     task = _task(pipeline, args, settings)
     if out.suffix.lower() != _SUFFIX[task]:
         kind = "an image" if task == "t2i" else "a video"
@@ -239,12 +240,18 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
                         help=f"pipeline folder, or hub repo id of a converted pipeline ({DEFAULT_MODEL_HELP})")
 
 
-def _load(model: str | None, dtype: str | None):
+def _add_quantization(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--q-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the flow and T5 as they load (MLX affine; default: as stored)")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+
+
+def _load(args: argparse.Namespace):
     from .hub import DEFAULT_MODEL_ID
     from .pipeline import Pipeline
 
-    log.info("loading %s", DEFAULT_MODEL_ID if model is None else model)
-    return Pipeline.from_pretrained(model, dtype)
+    log.info("loading %s", DEFAULT_MODEL_ID if args.model is None else args.model)
+    return Pipeline.from_pretrained(args.model, args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size)
 
 
 def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
@@ -391,6 +398,7 @@ def _add_score(commands) -> None:
     _add_model(p)
     p.add_argument("--seed", type=int, default=0, help="the VAE posterior and σ noise")
     p.add_argument("--dtype", choices=DTYPES, default=None)
+    _add_quantization(p)
     p.add_argument("--frames", type=int, default=None, help="frames of a video scored (default: the folder's)")
     p.add_argument("--fps", type=int, default=None, help="the rate the video is read at (default: the folder's)")
     p.add_argument("--aspect-ratio", default=None)
@@ -405,7 +413,7 @@ def score(args: argparse.Namespace) -> dict:
                 if getattr(args, option) is not None}
     if not Path(args.media).is_file():
         raise ValueError(f"{args.media}: no such file")
-    pipeline = _load(args.model, args.dtype)
+    pipeline = _load(args)
     with _options_named():
         likelihood = pipeline.log_likelihood(args.media, list(args.captions), seed=args.seed, **settings)
     record = {"media": str(args.media), **likelihood.record}

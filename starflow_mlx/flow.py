@@ -26,6 +26,9 @@ from .weights import KeyMap, compute_dtype, load_model
 
 # softplus(s + ln(e - 1)) = 1 at s = 0: an untrained block is the identity (spec §4.3, pitfall §8.5)
 INV_SOFTPLUS_1 = 0.541324854612918
+# Linear layers never quantized: proj_in's input width (latent channels) is below any group size, and proj_out
+# produces the affine scale and shift directly, where quantization error would land on every sample.
+QUANT_SKIP = ("proj_in", "proj_out")
 # x - pred * 0.3 * (sigma_cur - sigma_next) / sigma_cur with sigma_next = 0 (official apply_denoising)
 DENOISER_STEP = 0.3
 

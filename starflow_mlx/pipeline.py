@@ -36,11 +36,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__, arguments, hub, media, prompts
-from .config import MAX_FRAMES, Config, bounded
-from .flow import StarFlow, load_flow
+from .config import MAX_FRAMES, Config, bounded, shown
+from .flow import QUANT_SKIP, StarFlow, load_flow
 from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
 from .t5 import encode_prompts, load_t5
 from .tokenizer import T5Tokenizer
+from .weights import quantize_model, read_config
 
 TASKS = ("t2v", "t2i", "i2v", "v2v")
 STAGES = ("text", "prefix", "sample", "denoise", "decode")
@@ -171,28 +172,40 @@ class Pipeline:
     """A loaded pipeline folder: ``config`` (its ``PipelineConfig``), ``folder`` (``hub.PipelineFolder``),
     ``flow``, ``text_encoder``, ``tokenizer``, ``vae`` (a ``codec.LatentCodec``)."""
 
-    def __init__(self, folder: hub.PipelineFolder, flow: StarFlow, text_encoder, tokenizer, vae, model_id: str):
+    def __init__(self, folder: hub.PipelineFolder, flow: StarFlow, text_encoder, tokenizer, vae, model_id: str,
+                 quantized_at_load: dict | None = None):
         self.folder, self.config, self.flow = folder, folder.config, flow
         self.text_encoder, self.tokenizer, self.vae = text_encoder, tokenizer, vae
-        self.model_id = model_id
+        self.model_id, self.quantized_at_load = model_id, quantized_at_load
         self.video = folder.flow_config.is_video
 
     @classmethod
     def from_pretrained(
         cls, path_or_repo: str | Path | None = None, dtype: mx.Dtype | str | None = None, *,
-        revision: str | None = None,
+        revision: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
     ) -> "Pipeline":
         """Load a pipeline folder, or a hub repo id of a converted pipeline, or with None the model shipped in the
         package (``hub.resolve_model``); ``dtype`` casts the floating weights of every part (e.g. "float32"; None
-        keeps the stored ones)."""
+        keeps the stored ones). ``q_bits`` (4 or 8) quantizes the flow's and T5's Linear layers as they are
+        loaded, as ``convert --q-bits`` would have (the layers the converter keeps in float stay so; parts stored
+        quantized are kept as they are)."""
+        for name, value, allowed in (("q_bits", q_bits, (None, 4, 8)), ("q_group_size", q_group_size, (32, 64, 128))):
+            if isinstance(value, bool) or not any(value is a or (a is not None and value == a) for a in allowed):
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {shown(value)}")
         root = hub.resolve_model(path_or_repo, revision=revision)
         folder = hub.read_pipeline_folder(root)
         text_encoder = load_t5(folder.text, dtype)
         tokenizer = T5Tokenizer.from_folder(folder.text)
         flow = load_flow(folder.flow, dtype)
         vae = _load_vae(folder, dtype)
+        quantized = None
+        if q_bits is not None:
+            quantized = {"bits": q_bits, "group_size": q_group_size}
+            for part, model, skip in (("flow", flow, QUANT_SKIP), ("text", text_encoder, ())):
+                if read_config(getattr(folder, part)).get("quantization") is None:
+                    quantize_model(model, q_bits, q_group_size, skip=skip)
         model_id = hub.DEFAULT_MODEL_ID if path_or_repo is None else str(path_or_repo)
-        return cls(folder, flow, text_encoder, tokenizer, vae, model_id)
+        return cls(folder, flow, text_encoder, tokenizer, vae, model_id, quantized)
 
     # ---- settings ----
     def settings(self, **overrides) -> Settings:
@@ -458,8 +471,11 @@ class Pipeline:
         folder, its provenance's name and version (``hub.model_name``), and each part's kind, dtype, quantization
         and source files' sha256 (``hub.part_records``)."""
         folder = self.folder
-        return {"id": self.model_id, "folder": str(folder.root), **hub.model_name(folder),
-                "parts": hub.part_records(folder)}
+        record = {"id": self.model_id, "folder": str(folder.root), **hub.model_name(folder),
+                  "parts": hub.part_records(folder)}
+        if self.quantized_at_load:
+            record["quantized_at_load"] = dict(self.quantized_at_load)
+        return record
 
     # ---- likelihood ----
     def log_likelihood(

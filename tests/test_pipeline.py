@@ -377,3 +377,34 @@ def test_an_over_long_prompt_is_refused_not_cut(video, image):
     while len(video.tokenizer.encode(video.template(fitting + " x", video.settings()))) + 1 <= window:
         fitting += " x"
     assert video.text_to_video(fitting, frames=5, seed=1).frames.shape[1] == 5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_at_load_quantizes_flow_and_t5_and_is_recorded(bits, video, folders):
+    import mlx.nn as nn
+
+    quantized = Pipeline.from_pretrained(folders["t2v"], q_bits=bits, q_group_size=32)
+    modules = dict(quantized.flow.named_modules())
+    for path, linear in video.flow.named_modules():
+        if isinstance(linear, nn.Linear):  # the converter's rule: widths of whole groups, never proj_in/proj_out
+            expected = linear.weight.shape[-1] % 32 == 0 and not any(s in path for s in ("proj_in", "proj_out"))
+            assert isinstance(modules[path], nn.QuantizedLinear) == expected, path
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.flow.named_modules())
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.text_encoder.named_modules())
+    result = quantized.text_to_video("a red square moving right", seed=0, frames=5)
+    assert result.record["model"]["quantized_at_load"] == {"bits": bits, "group_size": 32}
+    reference = video.text_to_video("a red square moving right", seed=0, frames=5)
+    assert "quantized_at_load" not in reference.record["model"]
+    bits_q, bits_f = result.record["bits_per_dim"][0], reference.record["bits_per_dim"][0]
+    assert np.isfinite(bits_q) and bits_q != bits_f
+
+
+@pytest.mark.parametrize("q_bits, q_group_size, words", [
+    (3, 64, "q_bits must be one of None, 4, 8, got 3"), (True, 64, "q_bits must be one of"),
+    ("8", 64, "q_bits must be one of"), (8, 48, "q_group_size must be one of 32, 64, 128, got 48"),
+    (8, None, "q_group_size must be one of"),
+], ids=["3-bits", "bool", "string", "group-48", "group-none"])
+def test_bad_load_quantization_is_one_line(q_bits, q_group_size, words, folders):
+    with pytest.raises(ValueError, match=words) as error:
+        Pipeline.from_pretrained(folders["t2v"], q_bits=q_bits, q_group_size=q_group_size)
+    assert "\n" not in str(error.value)

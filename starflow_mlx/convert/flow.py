@@ -12,15 +12,12 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from ..config import FlowConfig, load_official_yaml
-from ..flow import DEPRECATED, OFFICIAL_NAMES, StarFlow
+from ..flow import DEPRECATED, OFFICIAL_NAMES, QUANT_SKIP, StarFlow
 from ..checkpoint import read_state_dict
 from ..weights import check_state_dict
 from .common import add_output_arguments, check_output, write_converted
 
 CONVERTER_VERSION = "1"
-# Not quantized: proj_in's input width (latent channels) is below any group size, and proj_out produces the
-# affine scale and shift directly, where quantization error would land on every sample.
-QUANT_SKIP = ("proj_in", "proj_out")
 
 
 def convert_flow(

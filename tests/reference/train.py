@@ -75,7 +75,7 @@ def losses_and_gradients(model: StarFlow, noisy: torch.Tensor, text: torch.Tenso
     of the flow gives both its parameter gradients and the input gradient the target needs.
     """
     weight = loss_weight(model.config, noise_std)
-    flow_params = [p for n, p in model.named_parameters() if not n.startswith(DENOISER_PREFIX)]
+    flow_params = split_parameters(model)[0]
     noisy = noisy.detach().requires_grad_(model.config.learnable_self_denoiser)
     loss = weight * model(noisy, text).loss().mean()
     if not model.config.learnable_self_denoiser:
@@ -113,10 +113,20 @@ def training_step(model, optimizer, x, text, noise, noise_std, world: int = 1, g
     optimizer.zero_grad(set_to_none=True)
     loss, denoiser_loss = losses_and_gradients(model, x + noise_std * noise, text, noise_std)
     average_gradients(model, world)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip:  # the flow and the denoiser apart, as the official trainer: one's large gradient never shrinks
+        flow, denoiser = split_parameters(model)  # the other's step
+        for group in (flow, denoiser):
+            if group:
+                torch.nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
     return loss, denoiser_loss
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
+    """(the flow's parameters, the learnable denoiser's)."""
+    named = list(model.named_parameters())
+    return ([p for n, p in named if not n.startswith(DENOISER_PREFIX)],
+            [p for n, p in named if n.startswith(DENOISER_PREFIX)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +173,8 @@ def setup_distributed(device: str) -> tuple[int, int]:
     """(rank, world) from torchrun's environment; gloo on CPU, NCCL on CUDA. (0, 1) without torchrun."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # this node's GPU, before NCCL starts
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -212,7 +224,7 @@ def main(argv=None):
     rank, world = setup_distributed(args.device)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} is not divisible by the {world} processes")
-    device = f"cuda:{rank % torch.cuda.device_count()}" if args.device == "cuda" else args.device
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     yaml_text = SHAPES_YAML if args.config is None else args.config.read_text()
