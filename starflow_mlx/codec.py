@@ -160,7 +160,12 @@ def sample_posterior(
 
     ``logvar`` must already be clamped to [LOGVAR_MIN, LOGVAR_MAX].
     """
-    mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
+    return sample_gaussian(mean, mx.exp(0.5 * logvar.astype(mx.float32)), noise, key)
+
+
+def sample_gaussian(mean: mx.array, std: mx.array, noise: Optional[mx.array], key: Optional[mx.array]) -> mx.array:
+    """``mean + std·ε`` in float32, ε = ``noise`` (shaped like ``mean``) or N(0, 1) from ``key``."""
+    mean, std = mean.astype(mx.float32), std.astype(mx.float32)
     if key is not None and not isinstance(key, mx.array):
         raise ValueError(f"key must be an mlx random key (mx.random.key(seed)) or None, got {type(key).__name__}")
     if noise is None:
@@ -170,4 +175,4 @@ def sample_posterior(
         if tuple(noise.shape) != tuple(mean.shape):
             raise ValueError(f"noise has shape {list(noise.shape)}, expected {list(mean.shape)} (the latent's)")
         eps = noise.astype(mx.float32)
-    return mean + mx.exp(0.5 * logvar) * eps
+    return mean + std * eps

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .codec import (
-    LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, sample_posterior,
+    LOGVAR_MAX, LOGVAR_MIN, CausalFrames, LatentFrameStream, check_layout, sample_gaussian,
 )
 from .tiling import blend_tiles, default_overlap, tile_windows
 from .config import Config, bounded
@@ -476,13 +476,23 @@ class WanVAE(CausalFrames, nn.Module):
         ``noise`` is ε, shaped like the latent in the same layout (zeros: the posterior mean); otherwise ε ~ N(0, 1)
         from ``key``. ``ts`` scales latent frames >= 1 of a video (5-D pixels) by ``temporal_scale``.
         """
+        return sample_gaussian(*self.flow_posterior(pixels, channels_last=channels_last), noise, key)
+
+    def flow_posterior(self, pixels: mx.array, *, channels_last: bool = False) -> tuple[mx.array, mx.array]:
+        """The distribution ``to_flow_latent`` samples: its mean ``ts ⊙ (mu - mean)/std`` and its standard deviation
+        ``ts ⊙ exp(0.5·clip(logvar, -30, 20))``, float32, in the pixels' layout (one encoder pass for both).
+
+        The posterior's std is not divided by the latent std, as in the official ``encode``: a quirk that matters
+        only for a VAE whose posterior is wide (Wan2.2's is narrow)."""
         mu, logvar, is_video = self._moments(pixels, channels_last)
         mean = self._from_clip((mu - self._mean) * self._inv_std, is_video, channels_last)
-        z = sample_posterior(mean, self._from_clip(logvar, is_video, channels_last), noise, key)
+        std = mx.exp(0.5 * self._from_clip(logvar, is_video, channels_last))
         s = self.config.temporal_scale
-        if not is_video or s == 1 or z.shape[1] < 2:
-            return z
-        return mx.concatenate([z[:, :1], z[:, 1:] * s], axis=1)
+        if is_video and s != 1 and mean.shape[1] > 1:
+            scale = mx.concatenate([mx.ones((1,)), mx.full((mean.shape[1] - 1,), s)])
+            scale = scale.reshape((1, -1) + (1,) * (mean.ndim - 2))
+            mean, std = mean * scale, std * scale
+        return mean, std
 
     def from_flow_latent(
         self, latent: mx.array, *, tile_size: Optional[int] = None, tile_overlap: Optional[int] = None,

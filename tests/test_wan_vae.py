@@ -325,6 +325,12 @@ def test_latent_normalisation_and_temporal_scale(ref, model):
     want = (raw - mean) * inv_std + np.exp(0.5 * np.clip(lv, -30, 20)) * eps
     want[:, 1:] *= TS
     assert rel_err(model.to_flow_latent(to_mlx_video(video), noise=mx.array(eps.astype(np.float32))), want) <= TOL
+    # flow_posterior is that distribution: its mean and std, both scaled
+    post_mean, post_std = model.flow_posterior(to_mlx_video(video))
+    assert rel_err(post_mean, expected) <= TOL
+    std_want = np.exp(0.5 * np.clip(lv, -30, 20))
+    std_want[:, 1:] *= TS
+    assert rel_err(post_std, std_want) <= TOL
     s1 = model.to_flow_latent(to_mlx_video(video), key=mx.random.key(7))
     assert mx.array_equal(s1, model.to_flow_latent(to_mlx_video(video), key=mx.random.key(7)))
     assert not mx.allclose(s1, z)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from starflow_mlx.convert.pipeline import temporal_scale
+
 from .train import SHAPES_YAML, load_official_yaml_text
 
 PACKAGE_MODEL = Path(__file__).resolve().parents[2] / "starflow_mlx" / "models" / "shapes"
@@ -89,7 +91,8 @@ def main(argv=None):
           [py, "-m", "tests.reference.train_vae", "--steps", str(args.vae_steps), "--out", str(work / "vae")])
     cli = [py, "-m", "starflow_mlx.cli"]
     stage("convert-vae", work / "vae-mlx" / "config.json",
-          [*cli, "convert", "wan-vae", str(work / "vae" / "diffusers"), str(work / "vae-mlx")], mlx=True)
+          [*cli, "convert", "wan-vae", str(work / "vae" / "diffusers"), str(work / "vae-mlx"),
+           "--temporal-scale", str(temporal_scale(load_official_yaml_text(SHAPES_YAML, work).vae))], mlx=True)
     stage("convert-t5", work / "text-mlx" / "config.json",
           [*cli, "convert", "t5", str(work / "text"), str(work / "text-mlx")], mlx=True)
     data = work / "shapes-data.npz"

@@ -26,18 +26,13 @@ from .shapes import TRAIN_CAPTIONS, dataset
 
 
 def encode_clips(vae, clips: np.ndarray, batch: int = 32):
-    """uint8 (N, T, H, W, 3) -> the flow latent's posterior mean and scale, (N, T', C, h, w) float32 each."""
+    """uint8 (N, T, H, W, 3) -> the flow latent's posterior mean and std, (N, T', C, h, w) float32 each."""
     means, scales = [], []
     for i in range(0, len(clips), batch):
-        pixels = mx.array(to_pixels(clips[i : i + batch]))  # (B, T, 3, H, W)
-        B, T, _, H, W = pixels.shape
-        f = vae.spatial_factor
-        shape = (B, 1 + (T - 1) // 4, vae.config.z_dim, H // f, W // f)
-        mean = vae.to_flow_latent(pixels, noise=mx.zeros(shape))
-        unit = vae.to_flow_latent(pixels, noise=mx.ones(shape))
-        mx.eval(mean, unit)
+        mean, std = vae.flow_posterior(mx.array(to_pixels(clips[i : i + batch])))  # (B, T', C, h, w) each
+        mx.eval(mean, std)
         means.append(np.array(mean))
-        scales.append(np.array(unit) - means[-1])
+        scales.append(np.array(std))
     return np.concatenate(means), np.concatenate(scales)
 
 

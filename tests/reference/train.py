@@ -162,7 +162,7 @@ SHAPES_YAML = """arguments:
 - fps_cond: 0
 - mix_aspect: 0
 - cfg: 3.0
-- vae: starflow-mlx/shapes-Wan2.2-VAE
+- vae: starflow-mlx/shapes-Wan2.2-VAE:0.6
 - text: tiny-64
 - nvp: 1
 - adaln: 0
