@@ -66,3 +66,38 @@ def test_best_of_n_by_likelihood_is_at_least_as_accurate_as_one_sample(shapes):
         single += first.matches(caption)
         best += chosen.matches(caption)
     assert best >= single and best >= 5, (single, best)
+
+
+def mean_held_out_bits(pipeline, seed: int = 1) -> float:
+    rng = np.random.default_rng(seed)
+    return float(np.mean([pipeline.log_likelihood(render(c, rng), c, seed=seed).bits_per_dim[0] for c in HELD_OUT]))
+
+
+@pytest.fixture(scope="module")
+def shapes_float32() -> Pipeline:
+    return Pipeline.from_pretrained(dtype="float32")
+
+
+# Quantized from the float32-cast weights (float16 scales make MLX's CPU quantized matmul ~15x slower), compared
+# with that float32 model.
+@pytest.mark.parametrize("bits, max_delta, min_rate", [(8, 0.003, 0.8), (4, 0.02, 0.8)], ids=["8-bit", "4-bit"])
+def test_quantized_versions_stay_within_what_was_measured(bits, max_delta, min_rate, shapes_float32):
+    quantized = Pipeline.from_pretrained(dtype="float32", q_bits=bits)
+    delta = mean_held_out_bits(quantized) - mean_held_out_bits(shapes_float32)
+    assert abs(delta) <= max_delta, delta
+    assert prompt_accuracy(quantized, HELD_OUT, SEEDS[:1]).rate >= min_rate
+
+
+def test_the_shipped_folder_is_small_and_records_its_training():
+    from starflow_mlx.hub import default_model, read_pipeline_folder
+
+    root = default_model()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 10 * 2**20, size
+    folder = read_pipeline_folder(root)
+    provenance = folder.provenance
+    assert len(provenance["checkpoint_sha256"]) == 64 and int(provenance["checkpoint_sha256"], 16) >= 0
+    commands = provenance["training_commands"]
+    for module in ("train_text", "train_vae", "shapes_data", "tests.reference.train "):
+        assert any(module in c for c in commands.values()), module
+    assert folder.config.guidance == 3.0 and folder.flow_config.txt_size == 24

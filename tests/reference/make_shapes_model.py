@@ -70,8 +70,8 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="flow training processes (torchrun)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--vae-steps", type=int, default=1400)
-    p.add_argument("--flow-steps", type=int, default=2400)
-    p.add_argument("--clips", type=int, default=4800, help="training clips of the flow")
+    p.add_argument("--flow-steps", type=int, default=4000)
+    p.add_argument("--clips", type=int, default=6400, help="training clips of the flow")
     p.add_argument("--overwrite", action="store_true", help="replace --out")
     args = p.parse_args(argv)
     work, py = args.work, sys.executable

@@ -210,7 +210,7 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="the .npz written by tests.reference.shapes_data")
     p.add_argument("--out", required=True)
     p.add_argument("--config", type=Path, help="the model's YAML in the official format (default: SHAPES_YAML)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
