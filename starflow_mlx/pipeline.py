@@ -189,9 +189,9 @@ class Pipeline:
         keeps the stored ones). ``q_bits`` (4 or 8) quantizes the flow's and T5's Linear layers as they are
         loaded, as ``convert --q-bits`` would have (the layers the converter keeps in float stay so; parts stored
         quantized are kept as they are)."""
-        for name, value, allowed in (("q_bits", q_bits, (None, 4, 8)), ("q_group_size", q_group_size, (32, 64, 128))):
-            if isinstance(value, bool) or not any(value is a or (a is not None and value == a) for a in allowed):
-                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {shown(value)}")
+        if q_bits is not None:
+            _check_choice("q_bits", q_bits, (4, 8))
+        _check_choice("q_group_size", q_group_size, (32, 64, 128))
         root = hub.resolve_model(path_or_repo, revision=revision)
         folder = hub.read_pipeline_folder(root)
         text_encoder = load_t5(folder.text, dtype)
@@ -544,6 +544,11 @@ def _load_vae(folder: hub.PipelineFolder, dtype):
     from .sd_vae import load_sd_vae
 
     return load_sd_vae(folder.vae, dtype)
+
+
+def _check_choice(name: str, value, choices: tuple[int, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {shown(value)}")
 
 
 def _check_task(task) -> str:

@@ -400,10 +400,11 @@ def test_quantizing_at_load_quantizes_flow_and_t5_and_is_recorded(bits, video, f
 
 
 @pytest.mark.parametrize("q_bits, q_group_size, words", [
-    (3, 64, "q_bits must be one of None, 4, 8, got 3"), (True, 64, "q_bits must be one of"),
-    ("8", 64, "q_bits must be one of"), (8, 48, "q_group_size must be one of 32, 64, 128, got 48"),
+    (3, 64, "q_bits must be one of 4, 8, got 3"), (True, 64, "q_bits must be one of"),
+    ("8", 64, "q_bits must be one of"), (8.0, 64, "q_bits must be one of 4, 8, got 8.0"),
+    (8, 48, "q_group_size must be one of 32, 64, 128, got 48"),
     (8, None, "q_group_size must be one of"),
-], ids=["3-bits", "bool", "string", "group-48", "group-none"])
+], ids=["3-bits", "bool", "string", "float", "group-48", "group-none"])
 def test_bad_load_quantization_is_one_line(q_bits, q_group_size, words, folders):
     with pytest.raises(ValueError, match=words) as error:
         Pipeline.from_pretrained(folders["t2v"], q_bits=q_bits, q_group_size=q_group_size)
