@@ -27,12 +27,18 @@ def main():
     p = parser(__doc__)
     p.add_argument("--count", type=int, default=9, help="frames in the strip")
     p.add_argument("--scale", type=int, default=2, help="enlargement of each frame")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args()
+    if args.count < 1 or args.scale < 1:
+        raise ValueError(f"--count and --scale must be >= 1, got {args.count} and {args.scale}")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out}: exists; pass --overwrite to replace it")
     pipeline = load(args)
     result = pipeline.text_to_video(args.prompt, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(strip(media.to_uint8(result.frames[0]), args.count, args.scale)).save(args.out)
-    print(f"{args.out}: {args.count} of {result.frames.shape[1]} frames of {args.prompt!r} (seed {args.seed})")
+    shown = min(args.count, result.frames.shape[1])
+    print(f"{args.out}: {shown} of {result.frames.shape[1]} frames of {args.prompt!r} (seed {args.seed})")
 
 
 if __name__ == "__main__":

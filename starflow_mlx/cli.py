@@ -243,15 +243,17 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_quantization(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-bits", type=int, choices=[4, 8], default=None,
                    help="quantize the flow and T5 as they load (MLX affine; default: as stored)")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None, help="with --q-bits (default 64)")
 
 
 def _load(args: argparse.Namespace):
     from .hub import DEFAULT_MODEL_ID
     from .pipeline import Pipeline
 
+    if args.q_group_size is not None and args.q_bits is None:
+        raise ValueError("--q-group-size applies to quantizing at load: pass --q-bits 4 or 8 with it")
     log.info("loading %s", DEFAULT_MODEL_ID if args.model is None else args.model)
-    return Pipeline.from_pretrained(args.model, args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size)
+    return Pipeline.from_pretrained(args.model, args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size or 64)
 
 
 def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
@@ -506,7 +508,10 @@ def model_info(args: argparse.Namespace) -> dict:
 
 
 def _short(value) -> str:
+    """One line of a record's value for a terminal: control characters (a file's text may hold newlines or escape
+    sequences) shown escaped, long values cut."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -254,6 +254,9 @@ def check_provenance(provenance, where: str, error: type[ValueError] = ValueErro
         for key in PROVENANCE_NAME_KEYS:
             if key in provenance:
                 check_value(provenance[key], str, f"{where}: {key}", {"length": (1, MAX_PROVENANCE_NAME)})
+                if not provenance[key].isprintable():  # it is shown in every record and by `info`
+                    raise ValueError(f"{where}: {key} holds a control character (newline, escape...): "
+                                     f"{provenance[key]!r}")
     except ValueError as e:
         raise error(str(e)) from None
     return provenance

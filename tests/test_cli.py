@@ -284,3 +284,17 @@ def test_an_over_long_prompt_is_one_line_and_writes_nothing(folders, tmp_path, c
                "--out", tmp_path / "c.mp4") == 2
     assert one_error(caplog, capsys).startswith("error: prompt is too long: ")
     nothing_written(tmp_path)
+
+
+def test_q_group_size_without_q_bits_is_refused(folders, tmp_path, caplog, capsys):
+    assert cli("generate", "a red square", "--model", folders["t2v"], "--q-group-size", "32",
+               "--out", tmp_path / "c.mp4") == 2
+    assert one_error(caplog, capsys) == "error: --q-group-size applies to quantizing at load: pass --q-bits 4 or 8 with it"
+    nothing_written(tmp_path)
+
+
+def test_info_shows_control_characters_escaped():
+    from starflow_mlx.cli import _short
+
+    assert _short("a\nb\x1b[31mred") == "a\\nb\\x1b[31mred"
+    assert _short({"k": "x\ty"}) == '{"k": "x\\ty"}'

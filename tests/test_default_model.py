@@ -262,3 +262,12 @@ def test_wheel_and_sdist_carry_the_model_and_an_installed_wheel_finds_it(stand_i
     assert description["model"] == hub.DEFAULT_MODEL_ID
     assert description["folder"] == str(site / "starflow_mlx" / "models" / hub.DEFAULT_MODEL)
     assert description["task"] == "t2v"
+
+
+@pytest.mark.parametrize("value", ["a\nb", "x\x1b[31mred", "tab\there"], ids=["newline", "escape", "tab"])
+def test_provenance_names_with_control_characters_are_refused(value):
+    from starflow_mlx.hub import check_provenance
+
+    with pytest.raises(ValueError, match="holds a control character") as error:
+        check_provenance({"name": value}, "provenance.json")
+    assert "\n" not in str(error.value)
