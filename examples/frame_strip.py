@@ -1,6 +1,6 @@
 """A PNG strip of evenly spaced frames of one generated clip: the picture in the README, made by the real model.
 
-    python examples/frame_strip.py "a red square moving right" --out docs/images/red-square-moving-right.png
+    python examples/frame_strip.py "a red square moving right" --out docs/images/red-square-moving-right.png --overwrite
 
 Frames are enlarged (nearest neighbour, ``--scale``) so that a 64-pixel clip is visible, with a thin gap between.
 """
