@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from starflow_mlx import Pipeline  # noqa: E402
-from tests.reference.shapes import HELD_OUT, TRAIN_CAPTIONS, render  # noqa: E402
-from tests.shapes_quality import best_of, likelihood_ranking, prompt_accuracy  # noqa: E402
+from tests.reference.shapes import HELD_OUT, TRAIN_CAPTIONS  # noqa: E402
+from tests.shapes_quality import best_of, likelihood_ranking, mean_bits_per_dim, prompt_accuracy  # noqa: E402
 
 SOLVERS = {
     "sequential": {"jacobi": False},
@@ -35,11 +34,6 @@ def deep_passes(pipeline, caption: str, **settings) -> int:
     """Passes of the deep block (the last, text-conditioned one: most of a clip's sampling time)."""
     stats = pipeline.text_to_video(caption, seed=0, **settings).record["sampler"]
     return stats[max(stats, key=int)]["passes"]
-
-
-def mean_bits(pipeline, captions, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    return float(np.mean([pipeline.log_likelihood(render(c, rng), c, seed=seed).bits_per_dim[0] for c in captions]))
 
 
 def main():
@@ -62,7 +56,7 @@ def main():
                          "passes": deep_passes(pipeline, HELD_OUT[0], **settings)}
         print(f"{name:12s} {seconds:6.2f} s/clip  accuracy {acc.correct}/{acc.total}  passes {figures[name]['passes']}")
 
-    figures["bits_per_dim"] = {"train": mean_bits(pipeline, TRAIN_CAPTIONS[:12], 1), "held_out": mean_bits(pipeline, HELD_OUT, 1)}
+    figures["bits_per_dim"] = {"train": mean_bits_per_dim(pipeline, TRAIN_CAPTIONS[:12], 1), "held_out": mean_bits_per_dim(pipeline, HELD_OUT, 1)}
     wins, total, _ = likelihood_ranking(pipeline, HELD_OUT, seed=1)
     figures["likelihood_ranking"] = {"wins": wins, "comparisons": total}
     single = best = 0
@@ -82,7 +76,7 @@ def main():
         start = time.perf_counter()
         acc = prompt_accuracy(loaded, HELD_OUT, seeds)
         seconds = (time.perf_counter() - start) / acc.total
-        held = mean_bits(loaded, HELD_OUT, 1)
+        held = mean_bits_per_dim(loaded, HELD_OUT, 1)
         reference = held if bits is None else reference
         name = "float32" if bits is None else f"q{bits}"
         figures[name] = {"accuracy": acc.rate, "seconds_per_clip": seconds, "held_out_bits_per_dim": held,

@@ -65,6 +65,12 @@ def likelihood_ranking(pipeline, captions, seed: int = 0) -> tuple[int, int, lis
     return wins, total, rows
 
 
+def mean_bits_per_dim(pipeline, captions, seed: int) -> float:
+    """Mean bits/dim of a fresh clip of each caption (rendered with ``seed``) under that caption."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([pipeline.log_likelihood(render(c, rng), c, seed=seed).bits_per_dim[0] for c in captions]))
+
+
 def best_of(pipeline, caption: str, seeds, **settings) -> tuple[Analysis, Analysis]:
     """(analysis of the first seed's sample, analysis of the sample with the lowest bits/dim under the prompt)."""
     scored = []

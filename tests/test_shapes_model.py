@@ -15,7 +15,7 @@ from starflow_mlx import Pipeline
 from starflow_mlx.cli import main as cli_main
 from starflow_mlx.media import probe_media, read_video, to_uint8
 from tests.reference.shapes import HELD_OUT, TRAIN_CAPTIONS, analyse, render
-from tests.shapes_quality import best_of, kept_first_frame, likelihood_ranking, prompt_accuracy
+from tests.shapes_quality import best_of, kept_first_frame, likelihood_ranking, mean_bits_per_dim, prompt_accuracy
 
 SEEDS = (0, 1)
 
@@ -68,11 +68,6 @@ def test_best_of_n_by_likelihood_is_at_least_as_accurate_as_one_sample(shapes):
     assert best >= single and best >= 5, (single, best)
 
 
-def mean_held_out_bits(pipeline, seed: int = 1) -> float:
-    rng = np.random.default_rng(seed)
-    return float(np.mean([pipeline.log_likelihood(render(c, rng), c, seed=seed).bits_per_dim[0] for c in HELD_OUT]))
-
-
 @pytest.fixture(scope="module")
 def shapes_float32() -> Pipeline:
     return Pipeline.from_pretrained(dtype="float32")
@@ -83,7 +78,7 @@ def shapes_float32() -> Pipeline:
 @pytest.mark.parametrize("bits, max_delta, min_rate", [(8, 0.003, 0.8), (4, 0.02, 0.8)], ids=["8-bit", "4-bit"])
 def test_quantized_versions_stay_within_what_was_measured(bits, max_delta, min_rate, shapes_float32):
     quantized = Pipeline.from_pretrained(dtype="float32", q_bits=bits)
-    delta = mean_held_out_bits(quantized) - mean_held_out_bits(shapes_float32)
+    delta = mean_bits_per_dim(quantized, HELD_OUT, 1) - mean_bits_per_dim(shapes_float32, HELD_OUT, 1)
     assert abs(delta) <= max_delta, delta
     assert prompt_accuracy(quantized, HELD_OUT, SEEDS[:1]).rate >= min_rate
 

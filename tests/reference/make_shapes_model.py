@@ -90,16 +90,16 @@ def main(argv=None):
     stage("vae", work / "vae" / "diffusers" / "config.json",
           [py, "-m", "tests.reference.train_vae", "--steps", str(args.vae_steps), "--out", str(work / "vae")])
     cli = [py, "-m", "starflow_mlx.cli"]
+    flow_config = load_official_yaml_text(SHAPES_YAML, work)
     stage("convert-vae", work / "vae-mlx" / "config.json",
           [*cli, "convert", "wan-vae", str(work / "vae" / "diffusers"), str(work / "vae-mlx"),
-           "--temporal-scale", str(temporal_scale(load_official_yaml_text(SHAPES_YAML, work).vae))], mlx=True)
+           "--temporal-scale", str(temporal_scale(flow_config.vae))], mlx=True)
     stage("convert-t5", work / "text-mlx" / "config.json",
           [*cli, "convert", "t5", str(work / "text"), str(work / "text-mlx")], mlx=True)
     data = work / "shapes-data.npz"
-    txt_size = load_official_yaml_text(SHAPES_YAML, work).txt_size
     stage("data", data, [py, "-m", "tests.reference.shapes_data", "--vae", str(work / "vae-mlx"), "--t5",
-                         str(work / "text-mlx"), "--txt-size", str(txt_size), "--clips", str(args.clips), "--out",
-                         str(data)], mlx=True)
+                         str(work / "text-mlx"), "--txt-size", str(flow_config.txt_size), "--clips", str(args.clips),
+                         "--out", str(data)], mlx=True)
     train = ["-m", "tests.reference.train", "--data", str(data), "--out", str(work / "flow"), "--steps",
              str(args.flow_steps), "--device", args.device]
     if args.nproc > 1:
