@@ -34,8 +34,8 @@ def resolve_kv_group_size(bits, group_size, head_dim: int, owner: str = "") -> i
     check_kv_choices(bits, group_size, owner)
     if bits is None:
         if group_size is not None:
-            raise ValueError(f"{owner}kv_group_size {group_size} applies to a quantized KV cache: set kv_bits "
-                             f"(4 or 8) with it")
+            raise ValueError(f"{owner}kv_group_size {group_size} applies to a quantized KV cache: set "
+                             f"{owner}kv_bits (4 or 8) with it")
         return None
     if group_size is None:
         fitting = [g for g in DEFAULT_KV_GROUP_SIZES if head_dim % g == 0]
