@@ -160,15 +160,39 @@ class QuantizedKVCache(SlotCache):
         return None if self.buffers is None else tuple(self.buffers[3:])
 
 
+# Elements of the float32 score matrix one quantized attention pass may hold (256 MiB): a long causal chunk (a
+# prefill, a sliding-window re-encode) is attended in runs of queries under this, evaluated one after the other,
+# where the fused float kernel needs no such matrix.
+MAX_SCORES = 2**26
+
+
 def quantized_attention(q: mx.array, keys, values, scale: float, mask, bits: int, group_size: int) -> mx.array:
     """Attention of (B, heads, L, head_dim) queries, the newest L of the cached slots, on quantized keys and values
     ((packed, scales, biases), as ``QuantizedKVCache`` returns them): q.k^T and p.v as quantized matmuls, the
     softmax in float32. ``mask`` is None or "causal" (query i sees the keys up to its own slot, kL - L + i)."""
+    B, heads, L, _ = q.shape
+    kL = keys[0].shape[2]
+    if mask is None:
+        return _attend_quantized(q, keys, values, scale, None, bits, group_size)
+    rows = max(1, MAX_SCORES // (B * heads * kL))
+    if rows >= L:
+        return _attend_quantized(q, keys, values, scale, kL - L, bits, group_size)
+    outs = []
+    for start in range(0, L, rows):
+        last = kL - L + min(L, start + rows)  # a run of queries sees the keys up to its last slot only
+        seen = [tuple(a[:, :, :last] for a in cached) for cached in (keys, values)]
+        outs.append(_attend_quantized(q[:, :, start : start + rows], *seen, scale, kL - L + start, bits, group_size))
+        mx.eval(outs[-1])  # frees this run's scores before the next run's
+    return mx.concatenate(outs, axis=2)
+
+
+def _attend_quantized(q, keys, values, scale: float, first: int | None, bits: int, group_size: int) -> mx.array:
+    """Quantized attention of queries at slots ``first`` .. ``first + L - 1``, causal (None: every key visible)."""
     scores = mx.quantized_matmul(q * scale, *keys, transpose=True, group_size=group_size, bits=bits)
     scores = scores.astype(mx.float32)
-    if mask is not None:
+    if first is not None:
         L, kL = scores.shape[-2:]
-        visible = mx.arange(kL - L, kL)[:, None] >= mx.arange(kL)[None]
+        visible = mx.arange(first, first + L)[:, None] >= mx.arange(kL)[None]
         scores = mx.where(visible, scores, -mx.inf)
     weights = mx.softmax(scores, axis=-1).astype(values[1].dtype)
     return mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)

@@ -91,6 +91,28 @@ def test_quantized_attention_equals_float_attention_on_the_dequantized_cache(bit
     assert quantized.keys[0].shape[:3] == (1, 2, cos.shape[0])  # one row kept; sized once
 
 
+@pytest.mark.parametrize("bits", BITS, ids=["8-bit", "4-bit"])
+def test_a_long_chunk_is_attended_in_runs_of_queries_with_the_same_result(bits, monkeypatch):
+    """Past ``MAX_SCORES`` score elements a causal chunk is split into runs of queries (a prefill, a re-encode):
+    each run sees the keys up to its own last slot, and the result is the single pass's."""
+    from starflow_mlx import attention as attention_module
+
+    mx.random.seed(bits)
+    attention = Attention(64, 32)
+    cos, sin = rope_table(4, 4, 4, 5, 4, 32)
+    x, chunk = mx.random.normal((2, 10, 64)), mx.random.normal((2, 21, 64))
+    outputs = []
+    for limit in (attention_module.MAX_SCORES, 2 * 2 * 31 * 4):  # the second: runs of 4 queries over 31 keys
+        monkeypatch.setattr(attention_module, "MAX_SCORES", limit)
+        cache = QuantizedKVCache(cos.shape[0], bits, 32)
+        attention(x, cos, sin, "causal", cache)
+        outputs.append(attention(chunk, cos, sin, "causal", cache))
+    dequantized = DequantizedKVCache(cos.shape[0], bits, 32)
+    attention(x, cos, sin, "causal", dequantized)
+    expected = attention(chunk, cos, sin, "causal", dequantized)
+    assert maxerr(outputs[1], outputs[0]) <= 1e-6 and maxerr(outputs[1], expected) <= 2e-6
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("bits, group_size", [(8, 32), (8, 64), (4, 32), (4, 128)],
                          ids=["8-bit-g32", "8-bit-g64", "4-bit-g32", "4-bit-g128"])
@@ -150,7 +172,7 @@ def sample_path(video, path: str, kv_bits: int | None):
 
 PATHS = ("sequential", "jacobi", "sliding-window", "prefix")
 # Measured max |latent - float latent| (latents up to |16|): 8-bit 0.042 / 0.050 / 0.056 / 0.094, 4-bit 0.90 /
-# 0.90 / 0.90 / 0.42; RMS 8-bit <= 0.012, 4-bit <= 0.16. Guidance 3 on random weights amplifies every change.
+# 0.90 / 0.90 / 0.42; RMS 8-bit <= 0.0092, 4-bit <= 0.152. Guidance 3 on random weights amplifies every change.
 MAX_ERROR = {8: 0.2, 4: 2.0}
 RMS_ERROR = {8: 0.025, 4: 0.35}
 
@@ -221,7 +243,8 @@ def test_only_the_deep_block_is_quantized_and_a_guided_prefix_keeps_both_halves(
 # ----------------------------------------------------------------------------------------------------------------
 
 # Measured on the 12 held-out captions x 2 seeds (benchmarks/bench_kv_quality.py): see BENCHMARKS.md.
-SHIPPED_MAX_DELTA = {8: 0.006, 4: 0.08}  # mean |bits/dim - float's| of the samples
+# Mean |bits/dim - float's| of the samples: measured 0.0005 (max 0.0016) at 8 bits, 0.027 (max 0.073) at 4 bits.
+SHIPPED_MAX_DELTA = {8: 0.005, 4: 0.1}
 
 
 @pytest.fixture(scope="module")
