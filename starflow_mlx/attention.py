@@ -3,6 +3,8 @@ quantized to 8 or 4 bits), GELU MLP."""
 
 from __future__ import annotations
 
+import numbers
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -19,12 +21,16 @@ DEFAULT_KV_GROUP_SIZES = (64, 32)
 def check_kv_choices(bits, group_size, owner: str = "") -> None:
     """``bits``: None (a float cache), 4 or 8; ``group_size``: None or one of ``KV_GROUP_SIZES``. ``owner``
     prefixes the names in errors (e.g. "Settings.")."""
-    if bits is not None and (isinstance(bits, bool) or bits not in KV_BITS):
+    if bits is not None and not _one_of(bits, KV_BITS):
         raise ValueError(f"{owner}kv_bits must be one of {', '.join(map(str, KV_BITS))} (or None: a float cache), "
                          f"got {bits!r:.40}")
-    if group_size is not None and (isinstance(group_size, bool) or group_size not in KV_GROUP_SIZES):
+    if group_size is not None and not _one_of(group_size, KV_GROUP_SIZES):
         raise ValueError(f"{owner}kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))} (or None: "
                          f"64, or 32 where 64 does not divide head_dim), got {group_size!r:.40}")
+
+
+def _one_of(value, choices: tuple[int, ...]) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in choices
 
 
 def resolve_kv_group_size(bits, group_size, head_dim: int, owner: str = "") -> int | None:

@@ -303,6 +303,7 @@ HOSTILE = {
     "head_dim-16": (lambda m, p: resolve_kv_group_size(8, None, 16),
                     "kv_bits 8 needs an attention head_dim that is a multiple of 32"),
     "cache-kv_bits-3": (lambda m, p: QuantizedKVCache(16, 3, 32), "kv_bits must be one of 4, 8"),
+    "make_cache-kv_bits-8.0": (lambda m, p: m.make_cache(3, 4, 4, 5, kv_bits=8.0), "kv_bits must be one of 4, 8"),
 }
 
 
