@@ -116,7 +116,7 @@ SETTING_OPTIONS = {
     "jacobi_block_size": "jacobi_block_size", "jacobi_threshold": "jacobi_threshold",
     "jacobi_max_iter": "jacobi_max_iter", "denoise": "denoise", "learnable_denoiser": "learnable_denoiser",
     "denoise_step_size": "denoise_step_size", "target_noise_std": "target_noise_std",
-    "context_length": "context_length",
+    "context_length": "context_length", "kv_bits": "kv_bits", "kv_group_size": "kv_group_size",
 }
 
 
@@ -158,6 +158,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--denoise-step-size", type=float, default=None, help="the gradient step's size")
     p.add_argument("--target-noise-std", type=float, default=None, help="σ (default: the flow's)")
     p.add_argument("--context-length", type=int, default=None, help="long video: latent frames carried over")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the deep block's KV cache (MLX affine; default: float)")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="with --kv-bits (default 64, or 32 where 64 does not divide the model's head_dim)")
     p.set_defaults(func=generate)
 
 

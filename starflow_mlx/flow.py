@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import arguments
-from .attention import KVCache, RMSNorm, TransformerLayer
+from .attention import KVCache, QuantizedKVCache, RMSNorm, SlotCache, TransformerLayer, resolve_kv_group_size
 from .config import GAUSSIAN_LOG_NORM, FlowConfig
 from .rope import rope_table
 from .weights import KeyMap, compute_dtype, load_model
@@ -84,9 +84,15 @@ class MetaBlock(nn.Module):
     def rope(self, frames: int, h: int, w: int, txt_len: int) -> tuple[mx.array, mx.array]:
         return rope_table(h, w, frames, txt_len if self.txt_dim else 0, self.pt_seq_len, self.head_dim)
 
-    def make_cache(self, max_size: int | None = None) -> list[KVCache]:
-        """One KV cache per layer, sized for ``max_size`` slots (text + tokens) when the length is known."""
-        return [KVCache(max_size) for _ in self.layers]
+    def make_cache(
+        self, max_size: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None
+    ) -> list[SlotCache]:
+        """One KV cache per layer, sized for ``max_size`` slots (text + tokens) when the length is known; float, or
+        quantized to ``kv_bits`` (4 or 8) in groups of ``kv_group_size`` (``attention.resolve_kv_group_size``)."""
+        group_size = resolve_kv_group_size(kv_bits, kv_group_size, self.head_dim)
+        if group_size is None:
+            return [KVCache(max_size) for _ in self.layers]
+        return [QuantizedKVCache(max_size, kv_bits, group_size) for _ in self.layers]
 
     # ---- the shared pieces of forward, sequential and Jacobi inverses ----
     def hidden(self, slots, text, rope, caches=None) -> mx.array:
@@ -115,11 +121,11 @@ class MetaBlock(nn.Module):
         a = nn.softplus(s + INV_SOFTPLUS_1) if self.use_softplus else mx.exp(s)
         return a, b
 
-    def step(self, slots: mx.array, caches: list[KVCache], rope) -> tuple[mx.array, mx.array]:
+    def step(self, slots: mx.array, caches: list[SlotCache], rope) -> tuple[mx.array, mx.array]:
         """(a, b) for a run of input slots appended to the cache: 1 slot (sequential) or a chunk (Jacobi)."""
         return self.affine(self.hidden(slots, None, rope, caches))
 
-    def push_text(self, text: mx.array, caches: list[KVCache], rope) -> None:
+    def push_text(self, text: mx.array, caches: list[SlotCache], rope) -> None:
         """Fill the caches with the text prefix (positions 0..L-1) before solving image tokens."""
         self.hidden(None, text, rope, caches)
 
@@ -209,17 +215,28 @@ class StarFlow(nn.Module):
         """Whether the shallow blocks work within each frame (global-local STARFlow-V) for this input."""
         return self.config.shallow_block_local and video and frames > 1
 
-    def make_cache(self, frames: int, height: int, width: int, text_len: int, window: int | None = None):
+    def make_cache(
+        self, frames: int, height: int, width: int, text_len: int, window: int | None = None,
+        kv_bits: int | None = None, kv_group_size: int | None = None,
+    ):
         """KV caches for every block (by block index), sized for a clip of ``frames`` latent frames of
         ``height`` x ``width`` latent pixels: the deep block holds the text and ``window`` frames (all frames
-        without a sliding window), a shallow block one frame when it works within frames, else all of them."""
+        without a sliding window), a shallow block one frame when it works within frames, else all of them.
+        ``kv_bits`` (4 or 8) quantizes the deep block's caches in groups of ``kv_group_size`` (see the method
+        ``kv_group_size``); the shallow blocks' stay float (they hold one frame, or a whole image)."""
         p = self.config.patch_size
         F = (height // p) * (width // p)
         local = self.shallow_local(True, frames)
         deep = text_len + F * (frames if window is None else min(frames, window))
         return [block.make_cache(F if local else F * frames) for block in self.blocks[:-1]] + [
-            self.blocks[-1].make_cache(deep)
+            self.blocks[-1].make_cache(deep, kv_bits, kv_group_size)
         ]
+
+    def kv_group_size(self, kv_bits, kv_group_size, owner: str = "") -> int | None:
+        """The group size of the deep block's KV cache for these settings (None: a float cache): ``kv_bits`` None,
+        4 or 8; ``kv_group_size`` 32, 64 or 128, dividing ``head_dim``, or None for 64 (32 where 64 does not
+        divide head_dim); refused with a one-line error otherwise, names prefixed by ``owner``."""
+        return resolve_kv_group_size(kv_bits, kv_group_size, self.config.head_dim, owner)
 
     # ---- argument checks: one per kind of argument, shared by every public entry ----
     @property
@@ -347,15 +364,18 @@ class StarFlow(nn.Module):
 
     def prefill(
         self, x: mx.array, text: mx.array, guidance: float = 0.0, text_null: mx.array | None = None,
-        frames: int | None = None,
+        frames: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None,
     ) -> "Prefix":
         """The context pass of image-to-video / video continuation (§5.5): the forward on the given (noised)
         first latent frame(s) ``x`` ((B, C, H, W) or (B, T, C, H, W)) with fresh caches, which then hold the text
         and the prefix for sampling (``sampler.stream_sample(prefix=)``). ``text`` (B, txt_size, txt_dim);
         ``text_null`` (1 or B rows) is required when ``guidance`` > 0. The deep block keeps both guidance halves,
         the shallow blocks the conditional half only. ``frames`` (the clip's total latent frames, at least the
-        given ones) and the model's sliding window size the caches (they grow if a sample needs more)."""
+        given ones) and the model's sliding window size the caches (they grow if a sample needs more).
+        ``kv_bits`` / ``kv_group_size`` quantize the deep block's caches (see the method ``kv_group_size``);
+        sampling from the prefix must use the same."""
         self.check_latent("x", x)
+        kv_group_size = self.kv_group_size(kv_bits, kv_group_size)
         guidance = self.check_conditioning(x, text, text_null, guidance)
         given = x.shape[1] if x.ndim == 5 else 1
         frames = arguments.integer("frames (the clip's latent frames, given ones included)", frames, given, True)
@@ -364,16 +384,17 @@ class StarFlow(nn.Module):
         if guidance > 0:
             x = mx.concatenate([x, x])
         H, W = x.shape[-2:]
-        caches = self.make_cache(frames or given, H, W, text.shape[1], self.config.local_attn_window)
+        caches = self.make_cache(frames or given, H, W, text.shape[1], self.config.local_attn_window, kv_bits,
+                                 kv_group_size)
         out = self.forward(x, text, 0.0, caches)
         tokens = list(out.prefixes)
         if guidance > 0:
             for i in range(len(self.blocks) - 1):
                 for cache in caches[i]:
-                    cache.keep_batch(cache.keys.shape[0] // 2)
+                    cache.keep_batch(x.shape[0] // 2)
                 tokens[i] = tokens[i][: tokens[i].shape[0] // 2]
         mx.eval(tokens, [c.state for block_caches in caches for c in block_caches])
-        return Prefix(caches, tokens, text, guidance, shape, self)
+        return Prefix(caches, tokens, text, guidance, shape, self, kv_bits=kv_bits, kv_group_size=kv_group_size)
 
     # ---- convenience forms of the sampler (sampler.py) ----
     def reverse(self, z: mx.array, text: mx.array | None, text_null: mx.array | None = None, options=None,
@@ -416,19 +437,23 @@ class StarFlow(nn.Module):
 @dataclass
 class Prefix:
     """Caches and permuted input tokens of every block after a prefill (by block index), with the deep block's
-    text rows and the guidance they were made with (sampling from the prefix must use the same), the shape of
-    the given latent as (B, frames, C, H, W), and the model that made it (the only one its caches fit).
+    text rows, the guidance and the deep caches' quantization (``kv_bits``, and the group size resolved from the
+    prefill's ``kv_group_size``; None: float) they were made with (sampling from the prefix must use the same),
+    the shape of the given latent as (B, frames, C, H, W), and the model that made it (the only one its caches
+    fit).
 
     One prefix serves one sample: sampling appends to its caches in place (copying them would double the largest
     allocation of a long video), so ``used`` is set and a second sample is refused."""
 
-    caches: list[list[KVCache]]
+    caches: list[list[SlotCache]]
     tokens: list[mx.array]
     text: mx.array
     guidance: float
     shape: tuple[int, int, int, int, int]
     flow: StarFlow = field(repr=False, compare=False)
     used: bool = False
+    kv_bits: int | None = None
+    kv_group_size: int | None = None
 
 
 def load_flow(folder, dtype: mx.Dtype | str | None = None) -> StarFlow:

@@ -36,6 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__, arguments, hub, media, prompts
+from .attention import KV_BITS, KV_GROUP_SIZES
 from .config import MAX_FRAMES, Config, bounded, shown
 from .flow import QUANT_SKIP, StarFlow, load_flow
 from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
@@ -74,7 +75,9 @@ class Settings(Config):
     ``frames`` and ``fps`` are pixel-space; ``frames`` may pass the training length (a long video, through the
     sliding window, ``context_length`` latent frames carried over [--target_length, --context_length]).
     ``target_noise_std`` None is the flow's own σ. ``attention_temperature`` other than 1 is refused: the
-    released models were trained and are sampled at 1, and our attention has no temperature.
+    released models were trained and are sampled at 1, and our attention has no temperature. ``kv_bits`` (8 or 4)
+    quantizes the deep block's KV cache, in groups of ``kv_group_size`` (None: 64, or 32 where 64 does not divide
+    the flow's head_dim; ``SamplerOptions``).
     """
 
     frames: int = bounded(min=1, max=MAX_FRAMES)  # --target_length
@@ -93,6 +96,8 @@ class Settings(Config):
     attention_temperature: float = bounded(above=0, max=100)  # --attn_temp
     seed: int = bounded(0, min=0, max=MAX_SEED)  # --seed
     num_samples: int = bounded(1, min=1, max=MAX_SAMPLES)  # --sample_batch_size
+    kv_bits: int | None = bounded(None, choices=KV_BITS)
+    kv_group_size: int | None = bounded(None, choices=KV_GROUP_SIZES)
 
     def validate(self) -> None:
         if self.attention_temperature != 1:
@@ -234,6 +239,7 @@ class Pipeline:
                              f"(e.g. {below} or {below + step})")
         if self.video and s.frames > 1 and s.fps < 1:
             raise ValueError(f"fps {s.fps}: a video needs fps >= 1")
+        self.flow.kv_group_size(s.kv_bits, s.kv_group_size, "Settings.")
         if s.denoise and s.learnable_denoiser and not hasattr(self.flow, "denoiser"):
             raise ValueError("learnable_denoiser is true but this flow has no learnable denoiser; set "
                              "learnable_denoiser=False for the gradient step")
@@ -358,7 +364,8 @@ class Pipeline:
 
         start = time.perf_counter()
         yield StageStarted("sample", noise.shape[1] if noise.ndim == 5 else 1)
-        options = SamplerOptions(guidance=guidance, solver=settings.solver(), **self._window(noise, settings))
+        options = SamplerOptions(guidance=guidance, solver=settings.solver(), kv_bits=settings.kv_bits,
+                                 kv_group_size=settings.kv_group_size, **self._window(noise, settings))
         stats: SamplerStats | None = None
         sampled = None
         for event in stream_sample(self.flow, noise, None if prefix else text, None if prefix else text_null,
@@ -442,7 +449,8 @@ class Pipeline:
         latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
         latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
         latent = mx.broadcast_to(latent, (settings.num_samples, *latent.shape[1:]))
-        return latent, self.flow.prefill(latent, text, settings.guidance, text_null, frames=frames)
+        return latent, self.flow.prefill(latent, text, settings.guidance, text_null, frames=frames,
+                                         kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size)
 
     def _denoise(self, sampled: mx.array, text: mx.array, settings: Settings):
         if settings.learnable_denoiser:

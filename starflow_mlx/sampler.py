@@ -24,6 +24,7 @@ from typing import Iterator, Union
 import mlx.core as mx
 
 from . import arguments
+from .attention import KV_BITS, KV_GROUP_SIZES
 from .config import Config, bounded
 from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
@@ -76,6 +77,10 @@ class SamplerOptions(Config):
       ``FrameSampled`` events arrive while the deep block is still solving later frames. The official sampler
       inverts each shallow block over all frames at once: the sequential solver gives the same result both ways,
       Jacobi's stopping test then sees one frame instead of all, so results differ within its threshold.
+    - ``kv_bits``: quantize the deep block's KV cache to 8 or 4 bits (MLX affine, quantized attention; None: the
+      compute dtype); ``kv_group_size``: elements per scale and bias, 32, 64 or 128 dividing the model's
+      ``head_dim`` (None: 64, or 32 where 64 does not divide it); with ``kv_bits`` only (``StarFlow.kv_group_size``
+      checks both against the model when sampling starts).
     """
 
     guidance: float = bounded(0.0, min=0, max=arguments.MAX_GUIDANCE)
@@ -83,6 +88,8 @@ class SamplerOptions(Config):
     window: int | None = None
     overlap: int | None = None
     stream_frames: bool = False
+    kv_bits: int | None = bounded(None, choices=KV_BITS)
+    kv_group_size: int | None = bounded(None, choices=KV_GROUP_SIZES)
 
     def validate(self) -> None:
         if not isinstance(self.solver, Jacobi):
@@ -349,9 +356,13 @@ def _sampling_conditioning(
     and samples with the prefix's, or gives exactly the ones the prefix was made with."""
     flow.check_latent("z", z)
     if options is None:
-        options = SamplerOptions(guidance=prefix.guidance if isinstance(prefix, Prefix) else 0.0)
+        options = SamplerOptions()
+        if isinstance(prefix, Prefix):
+            options = SamplerOptions(guidance=prefix.guidance, kv_bits=prefix.kv_bits,
+                                     kv_group_size=prefix.kv_group_size)
     if not isinstance(options, SamplerOptions):
         raise ValueError(f"options must be a SamplerOptions, got {type(options).__name__}")
+    kv_group_size = flow.kv_group_size(options.kv_bits, options.kv_group_size, "options.")
     guidance = options.guidance
     if prefix is None:
         flow.check_conditioning(z, text, text_null, guidance)
@@ -359,6 +370,10 @@ def _sampling_conditioning(
     flow.check_prefix(prefix, z)
     if guidance != prefix.guidance:
         raise ValueError(f"options.guidance {guidance} differs from the prefix's guidance {prefix.guidance}")
+    if (options.kv_bits, kv_group_size) != (prefix.kv_bits, prefix.kv_group_size):
+        raise ValueError(f"options.kv_bits {options.kv_bits} with group size {kv_group_size} differ from the "
+                         f"prefix's KV cache ({prefix.kv_bits}, group size {prefix.kv_group_size}): make the prefix "
+                         f"with the same kv_bits and kv_group_size (StarFlow.prefill)")
     if text is None:
         if text_null is not None:
             raise ValueError("text_null was given without text: with a prefix, pass both (as given to prefill) or "
@@ -392,7 +407,8 @@ def stream_sample(
       always moves by at least one frame, so sampling ends for every clip length.
     - ``prefix`` (from this model's ``StarFlow.prefill``, same batch and frame size, fewer frames than ``z``)
       conditions on given first frames; one prefix serves one sample. Its text and guidance are the ones it was
-      made with: omit ``text`` and ``text_null`` to use them, or pass exactly those (anything else is refused).
+      made with: omit ``text`` and ``text_null`` to use them, or pass exactly those (anything else is refused);
+      ``options.kv_bits`` / ``kv_group_size`` must be the ones the prefix's caches were made with.
     """
     options, text_g = _sampling_conditioning(flow, z, text, text_null, options, prefix)
     window = options.sliding_window(flow) if z.ndim == 5 else None
@@ -414,7 +430,8 @@ def _sample_events(
     n = len(flow.blocks)
     text_len = 0 if text_g is None else text_g.shape[1]
     # Buffers are allocated at first use, so the caches a prefix replaces cost nothing.
-    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_len, None if window is None else window[0])
+    caches = flow.make_cache(T, z.shape[-2], z.shape[-1], text_len, None if window is None else window[0],
+                             options.kv_bits, options.kv_group_size)
     solve = BlockSolve(
         flow.blocks[-1], n - 1, h, prefix.caches[-1] if prefix is not None else caches[-1], options.solver, stats.block(n - 1),
         text=text_g, guidance=guidance,
