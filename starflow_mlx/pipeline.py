@@ -2,8 +2,8 @@
 likelihood of a clip under captions.
 
 ``Pipeline.from_pretrained(path_or_repo)`` loads the parts of a pipeline folder (``hub.read_pipeline_folder``:
-T5 and its tokenizer, the flow, the VAE) once; ``Pipeline.from_pretrained()`` loads the model shipped in the package
-(``hub.default_model``). Generating is a stream of events, a consumer of the sampler's:
+T5 and its tokenizer, the flow, the VAE) once, or with ``low_memory=True`` each part for the stages that use it
+(``Pipeline``); ``Pipeline.from_pretrained()`` loads the model shipped in the package (``hub.default_model``). Generating is a stream of events, a consumer of the sampler's:
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
@@ -227,6 +227,8 @@ class Pipeline:
             _check_choice("q_bits", q_bits, (4, 8))
         _check_choice("q_group_size", q_group_size, (32, 64, 128))
         dtype = parse_dtype(dtype, optional=True)
+        arguments.flag("low_memory", low_memory)
+        _check_cache_limit(cache_limit)
         root = hub.resolve_model(path_or_repo, revision=revision)
         folder = hub.read_pipeline_folder(root)
         quantized = None if q_bits is None else {"bits": q_bits, "group_size": q_group_size}
@@ -272,8 +274,7 @@ class Pipeline:
 
     @cache_limit.setter
     def cache_limit(self, value: int | None) -> None:
-        self._cache_limit = arguments.integer("cache_limit (bytes)", value, 0, optional=True,
-                                              maximum=MAX_CACHE_LIMIT)
+        self._cache_limit = _check_cache_limit(value)
 
     def _part(self, name: str):
         if name not in self._parts:
@@ -301,7 +302,7 @@ class Pipeline:
 
     def _release_after(self, stage: str) -> None:
         """The end of ``stage``: with ``low_memory``, drop the parts it used that the next stage of this run does
-        not use (all of them outside a run)."""
+        not use (outside a run: every part it used). Called by the stages themselves; idempotent."""
         ahead = self._stages_ahead or []
         if stage in ahead:
             del ahead[: ahead.index(stage) + 1]
@@ -325,6 +326,7 @@ class Pipeline:
                 mx.set_cache_limit(previous)
 
     def _run_stages(self, events: Iterator[PipelineEvent], stages: list[str]) -> Iterator[PipelineEvent]:
+        """``events`` of a generation that runs ``stages``, ``_running`` from its first event to its end."""
         with self._running(stages):
             yield from events
 
@@ -697,6 +699,10 @@ def _load_vae(folder: hub.PipelineFolder, dtype):
 def _check_choice(name: str, value, choices: tuple[int, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {shown(value)}")
+
+
+def _check_cache_limit(value) -> int | None:
+    return arguments.integer("cache_limit (bytes)", value, 0, optional=True, maximum=MAX_CACHE_LIMIT)
 
 
 def _check_task(task) -> str:
