@@ -3,7 +3,8 @@ likelihood of a clip under captions.
 
 ``Pipeline.from_pretrained(path_or_repo)`` loads the parts of a pipeline folder (``hub.read_pipeline_folder``:
 T5 and its tokenizer, the flow, the VAE) once, or with ``low_memory=True`` each part for the stages that use it
-(``Pipeline``); ``Pipeline.from_pretrained()`` loads the model shipped in the package (``hub.default_model``). Generating is a stream of events, a consumer of the sampler's:
+(``Pipeline``); ``Pipeline.from_pretrained()`` loads the model shipped in the package (``hub.default_model``).
+Generating is a stream of events, a consumer of the sampler's:
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,

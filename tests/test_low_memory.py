@@ -21,7 +21,7 @@ from starflow_mlx.checkpoint import CheckpointError
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.flow import StarFlow
 from starflow_mlx.pipeline import PARTS, Pipeline, StageFinished, StageStarted
-from starflow_mlx.sampler import ChunkSolved, SamplerOptions, Sampled
+from starflow_mlx.sampler import ChunkSolved, Sampled
 from tests.helpers import maxerr, refusal
 
 PROMPT = "a red square moving right"
