@@ -294,7 +294,7 @@ def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict):
     """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it."""
     from .pipeline import Generated
 
-    progress = _Progress(shallow_blocks=pipeline.flow.config.num_blocks - 1)
+    progress = _Progress(shallow_blocks=pipeline.flow_config.num_blocks - 1)
     with contextlib.closing(pipeline.stream(prompt, task, **condition, **settings)) as events, progress:
         for event in events:
             progress.update(event)

@@ -31,6 +31,11 @@ INV_SOFTPLUS_1 = 0.541324854612918
 QUANT_SKIP = ("proj_in", "proj_out")
 # x - pred * 0.3 * (sigma_cur - sigma_next) / sigma_cur with sigma_next = 0 (official apply_denoising)
 DENOISER_STEP = 0.3
+# The most tokens per evaluation of a pass over known tokens (scoring, the prefill), which otherwise evaluates one
+# latent frame at a time (``StarFlow.score_chunk``): attention scores cost chunk x S instead of S x S, and one
+# chunk of a 7B deep block is well under a second of GPU work, far from the macOS watchdog (mlx-lm prefills prompts
+# in steps of 2048 tokens for the same reasons).
+SCORE_CHUNK = 1024
 
 
 def guide(a: mx.array, b: mx.array, weight: float) -> tuple[mx.array, mx.array]:
@@ -129,21 +134,43 @@ class MetaBlock(nn.Module):
         """Fill the caches with the text prefix (positions 0..L-1) before solving image tokens."""
         self.hidden(None, text, rope, caches)
 
+    def teacher_forced(self, slots, text, rope, caches, chunk: int) -> tuple[mx.array, mx.array]:
+        """(a, b) of every slot, as ``affine(hidden(slots, text))`` computes them, but ``chunk`` slots at a time
+        through KV caches (``caches``, or temporary ones), each chunk evaluated before the next: attention scores
+        cost chunk x S instead of S x S, and no single evaluation runs longer than one chunk (the macOS GPU
+        watchdog). The sampler's ``step`` on known inputs, so the numbers are the whole pass's up to float32."""
+        if caches is None:
+            caches = self.make_cache(slots.shape[1] + (0 if text is None else text.shape[1]))
+        if text is not None:
+            self.push_text(text, caches, rope)
+        scales, shifts = [], []
+        for start in range(0, slots.shape[1], chunk):
+            a, b = self.step(slots[:, start : start + chunk], caches, rope)
+            mx.eval(a, b, *[c.state for c in caches])
+            scales.append(a)
+            shifts.append(b)
+        return mx.concatenate(scales, axis=1), mx.concatenate(shifts, axis=1)
+
     def sos(self, batch: int) -> mx.array:
         return mx.broadcast_to(self.sos_embed.astype(mx.float32), (batch, 1, self.sos_embed.shape[-1]))
 
     # ---- training direction ----
-    def __call__(self, x: mx.array, text: mx.array | None = None, guidance: float = 0.0, caches=None):
+    def __call__(self, x: mx.array, text: mx.array | None = None, guidance: float = 0.0, caches=None,
+                 chunk: int | None = None):
         """x (B, T, H, W, C) -> (z in the same layout, logdet (B, S, C) in this block's token order, x_in).
 
         ``x_in`` is the permuted input sequence: the prefix a context pass records for later sampling (§5.5).
+        ``chunk`` (tokens) runs the transformer ``teacher_forced``; None runs the whole sequence in one graph.
         """
         B, T, H, W, C = x.shape
         text = text if self.txt_dim else None
         rope = self.rope(T, H, W, 0 if text is None else text.shape[1])
         x_in = self.permute(x.reshape(B, T * H * W, C).astype(mx.float32), T)
         slots = mx.concatenate([self.sos(B), x_in[:, :-1]], axis=1)
-        a, b = self.affine(self.hidden(slots, text, rope, caches))
+        if chunk is None:
+            a, b = self.affine(self.hidden(slots, text, rope, caches))
+        else:
+            a, b = self.teacher_forced(slots, text, rope, caches, chunk)
         if guidance > 0:
             a, b = guide(a, b, guidance)
         z = self.permute((x_in - b) / a, T).reshape(B, T, H, W, C)
@@ -311,24 +338,38 @@ class StarFlow(nn.Module):
             raise ValueError(f"z must have more latent frames than the prefix's {given}, got {frames}")
 
     # ---- training direction ----
-    def __call__(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
+    def __call__(
+        self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None, chunk: int | None = None,
+    ) -> FlowOutput:
         """Forward pass: data (image or video latent) -> Gaussian latent, with the per-block log-determinants.
 
         ``x``: (B, C, H, W) or (B, T, C, H, W), ``in_channels`` channels, H and W multiples of ``patch_size``;
         ``text``: (B, txt_size, txt_dim). ``guidance`` > 0 guides the deep block on rows [cond; uncond] of an
         even batch. ``caches`` (one list of KVCache per block, by block index) are filled when given: that is the
         prefill of image-to-video (``prefill``); the per-block permuted inputs are returned as ``prefixes``.
+        ``chunk``: tokens per evaluation (``MetaBlock.teacher_forced``: the numbers of one whole-sequence graph up
+        to float32, without its S x S attention scores); None: ``score_chunk(x)``, one latent frame.
         """
         self.check_latent("x", x)
         guidance = arguments.guidance(guidance)
         self.check_text(text, x.shape[0], required=self.text_conditioned)
         if guidance > 0 and x.shape[0] % 2:
             raise ValueError(f"guidance > 0 needs an even batch of rows [cond; uncond], got batch {x.shape[0]}")
-        return self.forward(x, text, guidance, caches)
+        chunk = arguments.integer("chunk", chunk, 1, optional=True) or self.score_chunk(x)
+        return self.forward(x, text, guidance, caches, chunk)
 
-    def forward(self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None) -> FlowOutput:
+    def score_chunk(self, x: mx.array) -> int:
+        """Tokens per evaluation of a pass over the known latent ``x``: one latent frame (the unit the deep block is
+        causal over, so memory stays flat in the clip's length but for the KV cache), at most ``SCORE_CHUNK``."""
+        p = self.config.patch_size
+        return min(SCORE_CHUNK, (x.shape[-2] // p) * (x.shape[-1] // p))
+
+    def forward(
+        self, x: mx.array, text: mx.array, guidance: float = 0.0, caches=None, chunk: int | None = None,
+    ) -> FlowOutput:
         """The forward pass on arguments already checked (``__call__`` checks them; ``prefill`` and
-        ``gradient_denoise`` check their own once, not again inside the pass or under ``mx.grad``)."""
+        ``gradient_denoise`` check their own once, not again inside the pass or under ``mx.grad``); ``chunk`` None
+        builds one graph over the whole sequence (what ``mx.grad`` needs: a chunked pass evaluates as it goes)."""
         video = x.ndim == 5
         h = self.patchify(x)
         B, T = h.shape[:2]
@@ -336,14 +377,14 @@ class StarFlow(nn.Module):
         for i, block in enumerate(self.blocks[:-1]):
             local = self.shallow_local(video, T)
             inp = h.reshape(B * T, 1, *h.shape[2:]) if local else h
-            h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None)
+            h, logdet, x_in = block(inp, None, 0.0, caches[i] if caches is not None else None, chunk)
             if local:
                 h = h.reshape(B, T, *h.shape[2:])
                 logdet = logdet.reshape(B, T, -1, logdet.shape[-1])
             outputs.append(h)
             logdets.append(logdet)
             prefixes.append(x_in)
-        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[-1] if caches is not None else None)
+        h, logdet, x_in = self.blocks[-1](h, text, guidance, caches[-1] if caches is not None else None, chunk)
         outputs.append(h)
         logdets.append(logdet)
         prefixes.append(x_in)
@@ -386,7 +427,7 @@ class StarFlow(nn.Module):
         H, W = x.shape[-2:]
         caches = self.make_cache(frames or given, H, W, text.shape[1], self.config.local_attn_window, kv_bits,
                                  kv_group_size)
-        out = self.forward(x, text, 0.0, caches)
+        out = self.forward(x, text, 0.0, caches, self.score_chunk(x))
         tokens = list(out.prefixes)
         if guidance > 0:
             for i in range(len(self.blocks) - 1):

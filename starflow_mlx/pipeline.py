@@ -2,8 +2,9 @@
 likelihood of a clip under captions.
 
 ``Pipeline.from_pretrained(path_or_repo)`` loads the parts of a pipeline folder (``hub.read_pipeline_folder``:
-T5 and its tokenizer, the flow, the VAE) once; ``Pipeline.from_pretrained()`` loads the model shipped in the package
-(``hub.default_model``). Generating is a stream of events, a consumer of the sampler's:
+T5 and its tokenizer, the flow, the VAE) once, or with ``low_memory=True`` each part for the stages that use it
+(``Pipeline``); ``Pipeline.from_pretrained()`` loads the model shipped in the package (``hub.default_model``).
+Generating is a stream of events, a consumer of the sampler's:
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
@@ -25,6 +26,7 @@ frames.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -36,16 +38,28 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__, arguments, hub, media, prompts
-from .attention import KV_BITS, KV_GROUP_SIZES
+from .attention import KV_BITS, KV_GROUP_SIZES, resolve_kv_group_size
 from .config import MAX_FRAMES, Config, bounded, shown
 from .flow import QUANT_SKIP, StarFlow, load_flow
 from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
-from .t5 import encode_prompts, load_t5
+from .t5 import T5Config, encode_prompts, load_t5
 from .tokenizer import T5Tokenizer
-from .weights import quantize_model, read_config
+from .weights import parse_dtype, quantize_model, read_config, read_model_config
 
 TASKS = ("t2v", "t2i", "i2v", "v2v")
 STAGES = ("text", "prefix", "sample", "denoise", "decode")
+# The parts of a pipeline folder each stage computes with (generation's STAGES, and log_likelihood's "encode",
+# "text", "likelihood"): with ``low_memory`` a part is loaded when its stage first needs it and dropped when a stage
+# ends whose successor in the run does not use it.
+STAGE_PARTS = {
+    "text": ("text",), "prefix": ("vae", "flow"), "sample": ("flow",), "denoise": ("flow",), "decode": ("vae",),
+    "encode": ("vae",), "likelihood": ("flow",),
+}
+PARTS = ("text", "flow", "vae")
+LIKELIHOOD_STAGES = ("encode", "text", "likelihood")
+# Parts quantized by from_pretrained(q_bits=...) unless stored quantized, with the layers kept in float.
+QUANTIZED_PARTS = {"flow": QUANT_SKIP, "text": ()}
+MAX_CACHE_LIMIT = 2**63 - 1  # bytes: mx.set_cache_limit takes a size_t
 # Which frames of a given video start the clip: its last (continuation) or its first (re-generate after them).
 GIVEN_FROM = ("end", "start")
 MAX_SAMPLES = 64
@@ -174,43 +188,153 @@ Media = Union[str, Path, np.ndarray]
 
 
 class Pipeline:
-    """A loaded pipeline folder: ``config`` (its ``PipelineConfig``), ``folder`` (``hub.PipelineFolder``),
-    ``flow``, ``text_encoder``, ``tokenizer``, ``vae`` (a ``codec.LatentCodec``)."""
+    """A pipeline folder ready to generate: ``config`` (its ``PipelineConfig``), ``folder`` (``hub.PipelineFolder``),
+    ``flow_config`` and ``vae_config`` (read at load: everything that needs only sizes reads these, never a weight),
+    ``tokenizer``, and the parts ``text_encoder``, ``flow`` and ``vae`` (a ``codec.LatentCodec``), each loaded from
+    the folder on first use, with the load's ``dtype`` and ``q_bits`` quantization.
 
-    def __init__(self, folder: hub.PipelineFolder, flow: StarFlow, text_encoder, tokenizer, vae, model_id: str,
-                 quantized_at_load: dict | None = None):
-        self.folder, self.config, self.flow = folder, folder.config, flow
-        self.text_encoder, self.tokenizer, self.vae = text_encoder, tokenizer, vae
-        self.model_id, self.quantized_at_load = model_id, quantized_at_load
+    ``low_memory`` (True or False) and ``cache_limit`` (bytes, or None for MLX's default) may be changed between
+    generations. With ``low_memory`` each part is held only for the stages that use it (``STAGE_PARTS``): T5 for
+    ``text``, the flow for ``prefix`` .. ``denoise`` (``sample`` when denoising is off), the VAE for ``prefix`` and
+    again for ``decode`` (released in between: sampling is the peak, so it runs without the VAE's weights, at the
+    cost of reading them twice for image/video to video), and dropped with ``mx.clear_cache()`` as its last stage
+    ends; the peak is then the largest part plus its stage's work instead of every part at once.
+    ``cache_limit`` is set with ``mx.set_cache_limit`` while a generation or a likelihood runs and restored after,
+    however it ends. One generation at a time per pipeline."""
+
+    def __init__(self, folder: hub.PipelineFolder, tokenizer: T5Tokenizer, model_id: str, *,
+                 dtype: mx.Dtype | None = None, quantized_at_load: dict | None = None, low_memory: bool = False,
+                 cache_limit: int | None = None):
+        self.folder, self.config, self.flow_config = folder, folder.config, folder.flow_config
+        # every part's config checked here, whether its weights are read now or when it is first used
+        self.text_config = read_model_config(folder.text, T5Config)[0]
+        self.vae_config = _read_vae_config(folder)
+        self.tokenizer, self.model_id = tokenizer, model_id
+        self.dtype, self.quantized_at_load = dtype, quantized_at_load
         self.video = folder.flow_config.is_video
+        self._parts: dict[str, Any] = {}
+        self._stages_ahead: list[str] | None = None  # of the generation running, for _release_after
+        self.low_memory, self.cache_limit = low_memory, cache_limit
 
     @classmethod
     def from_pretrained(
         cls, path_or_repo: str | Path | None = None, dtype: mx.Dtype | str | None = None, *,
-        revision: str | None = None, q_bits: int | None = None, q_group_size: int = 64,
+        revision: str | None = None, q_bits: int | None = None, q_group_size: int = 64, low_memory: bool = False,
+        cache_limit: int | None = None,
     ) -> "Pipeline":
         """Load a pipeline folder, or a hub repo id of a converted pipeline, or with None the model shipped in the
         package (``hub.resolve_model``); ``dtype`` casts the floating weights of every part (e.g. "float32"; None
         keeps the stored ones). ``q_bits`` (4 or 8) quantizes the flow's and T5's Linear layers as they are
         loaded, as ``convert --q-bits`` would have (the layers the converter keeps in float stay so; parts stored
-        quantized are kept as they are)."""
+        quantized are kept as they are). ``low_memory`` reads no weight here (configs and the tokenizer only, every
+        config checked as a full load would) and loads each part for the stages that use it; ``cache_limit``
+        bounds MLX's buffer cache during generation (see the class)."""
         if q_bits is not None:
             _check_choice("q_bits", q_bits, (4, 8))
         _check_choice("q_group_size", q_group_size, (32, 64, 128))
+        dtype = parse_dtype(dtype, optional=True)
+        arguments.flag("low_memory", low_memory)
+        _check_cache_limit(cache_limit)
         root = hub.resolve_model(path_or_repo, revision=revision)
         folder = hub.read_pipeline_folder(root)
-        text_encoder = load_t5(folder.text, dtype)
-        tokenizer = T5Tokenizer.from_folder(folder.text)
-        flow = load_flow(folder.flow, dtype)
-        vae = _load_vae(folder, dtype)
-        quantized = None
-        if q_bits is not None:
-            quantized = {"bits": q_bits, "group_size": q_group_size}
-            for part, model, skip in (("flow", flow, QUANT_SKIP), ("text", text_encoder, ())):
-                if read_config(getattr(folder, part)).get("quantization") is None:
-                    quantize_model(model, q_bits, q_group_size, skip=skip)
+        quantized = None if q_bits is None else {"bits": q_bits, "group_size": q_group_size}
         model_id = hub.DEFAULT_MODEL_ID if path_or_repo is None else str(path_or_repo)
-        return cls(folder, flow, text_encoder, tokenizer, vae, model_id, quantized)
+        pipeline = cls(folder, T5Tokenizer.from_folder(folder.text), model_id, dtype=dtype,
+                       quantized_at_load=quantized, low_memory=low_memory, cache_limit=cache_limit)
+        if not pipeline.low_memory:
+            for part in PARTS:
+                pipeline._part(part)
+        return pipeline
+
+    # ---- the parts, loaded when used ----
+    @property
+    def text_encoder(self):
+        return self._part("text")
+
+    @property
+    def flow(self) -> StarFlow:
+        return self._part("flow")
+
+    @property
+    def vae(self):
+        return self._part("vae")
+
+    @property
+    def loaded_parts(self) -> tuple[str, ...]:
+        """The parts whose weights are in memory now (of ``PARTS``)."""
+        return tuple(part for part in PARTS if part in self._parts)
+
+    @property
+    def low_memory(self) -> bool:
+        return self._low_memory
+
+    @low_memory.setter
+    def low_memory(self, value: bool) -> None:
+        self._low_memory = arguments.flag("low_memory", value)
+        if self._low_memory:
+            self._drop(*PARTS)
+
+    @property
+    def cache_limit(self) -> int | None:
+        return self._cache_limit
+
+    @cache_limit.setter
+    def cache_limit(self, value: int | None) -> None:
+        self._cache_limit = _check_cache_limit(value)
+
+    def _part(self, name: str):
+        if name not in self._parts:
+            self._parts[name] = self._load(name)
+        return self._parts[name]
+
+    def _load(self, name: str):
+        """Part ``name`` from the folder, cast to ``dtype`` and quantized as ``from_pretrained`` was asked."""
+        path = getattr(self.folder, name)
+        if name == "vae":
+            model = _load_vae(self.folder, self.dtype)
+        else:
+            model = (load_t5 if name == "text" else load_flow)(path, self.dtype)
+        if self.quantized_at_load and name in QUANTIZED_PARTS and read_config(path).get("quantization") is None:
+            bits, group_size = self.quantized_at_load["bits"], self.quantized_at_load["group_size"]
+            quantize_model(model, bits, group_size, skip=QUANTIZED_PARTS[name])
+        return model
+
+    def _drop(self, *names: str) -> None:
+        """Forget the parts ``names`` (loaded again when used) and give their memory back."""
+        dropped = [self._parts.pop(name) for name in names if name in self._parts]
+        if dropped:
+            del dropped
+            mx.clear_cache()
+
+    def _release_after(self, stage: str) -> None:
+        """The end of ``stage``: with ``low_memory``, drop the parts it used that the next stage of this run does
+        not use (outside a run: every part it used). Called by the stages themselves; idempotent."""
+        ahead = self._stages_ahead or []
+        if stage in ahead:
+            del ahead[: ahead.index(stage) + 1]
+        if self.low_memory:
+            kept = STAGE_PARTS[ahead[0]] if ahead else ()
+            self._drop(*(part for part in STAGE_PARTS[stage] if part not in kept))
+
+    @contextlib.contextmanager
+    def _running(self, stages: list[str]):
+        """One generation or likelihood running ``stages``: MLX's cache limit set to ``cache_limit`` and restored,
+        and, with ``low_memory``, nothing left loaded however it ends (finished, failed or closed early)."""
+        previous = None if self.cache_limit is None else mx.set_cache_limit(self.cache_limit)
+        self._stages_ahead = list(stages)
+        try:
+            yield
+        finally:
+            self._stages_ahead = None
+            if self.low_memory:
+                self._drop(*PARTS)
+            if previous is not None:
+                mx.set_cache_limit(previous)
+
+    def _run_stages(self, events: Iterator[PipelineEvent], stages: list[str]) -> Iterator[PipelineEvent]:
+        """``events`` of a generation that runs ``stages``, ``_running`` from its first event to its end."""
+        with self._running(stages):
+            yield from events
 
     # ---- settings ----
     def settings(self, **overrides) -> Settings:
@@ -232,33 +356,33 @@ class Pipeline:
                              f"{', '.join(self.config.aspect_ratios)}")
         if not self.video and s.frames != 1:
             raise ValueError(f"frames {s.frames}: an image pipeline makes 1 frame")
-        step = self.vae.temporal_factor
+        step = self.vae_config.temporal_factor
         if (s.frames - 1) % step:
             below = s.frames - (s.frames - 1) % step
             raise ValueError(f"frames {s.frames} cannot be decoded: the VAE makes 1 + {step}k frames "
                              f"(e.g. {below} or {below + step})")
         if self.video and s.frames > 1 and s.fps < 1:
             raise ValueError(f"fps {s.fps}: a video needs fps >= 1")
-        self.flow.kv_group_size(s.kv_bits, s.kv_group_size, "Settings.")
-        if s.denoise and s.learnable_denoiser and not hasattr(self.flow, "denoiser"):
+        resolve_kv_group_size(s.kv_bits, s.kv_group_size, self.flow_config.head_dim, "Settings.")
+        if s.denoise and s.learnable_denoiser and not self.flow_config.learnable_self_denoiser:
             raise ValueError("learnable_denoiser is true but this flow has no learnable denoiser; set "
                              "learnable_denoiser=False for the gradient step")
 
     def noise_std(self, settings: Settings) -> float:
-        return settings.target_noise_std or self.flow.config.noise_std
+        return settings.target_noise_std or self.flow_config.noise_std
 
     def pixel_size(self, settings: Settings) -> tuple[int, int]:
         """(H, W) of a sample: the aspect-ratio bucket of the flow's training area (``dataset``'s sizes)."""
-        factor, flow = self.vae.spatial_factor, self.flow.config
+        factor, flow = self.vae_config.spatial_factor, self.flow_config
         ratio = settings.aspect_ratio if flow.mix_aspect else None
         return media.bucket_size(ratio, flow.img_size * factor, factor * flow.patch_size)
 
     def latent_frames(self, frames: int) -> int:
-        return (frames - 1) // self.vae.temporal_factor + 1
+        return (frames - 1) // self.vae_config.temporal_factor + 1
 
     def template(self, caption: str, settings: Settings) -> str:
         """``caption`` through the official templates the flow was trained with (fps, noise level, ratio)."""
-        flow = self.flow.config
+        flow = self.flow_config
         return prompts.format_prompt(
             caption,
             fps=settings.fps if flow.fps_cond else None,
@@ -310,7 +434,10 @@ class Pipeline:
             raise ValueError(f"frames {settings.frames}: text_to_image makes 1 frame")
         self.check_prompt_length(self.template(prompt, settings))
         condition = self._condition(task, image, video, given_frames, given_from, settings)
-        return self._events(task, prompt, settings, condition, given_from if task == "v2v" else None)
+        events = self._events(task, prompt, settings, condition, given_from if task == "v2v" else None)
+        skipped = {"prefix"} if condition is None else set()
+        skipped |= set() if settings.denoise else {"denoise"}
+        return self._run_stages(events, [stage for stage in STAGES if stage not in skipped])
 
     def _condition(self, task, image, video, given_frames, given_from, settings) -> Optional[np.ndarray]:
         """The given frames of i2v / v2v as pixels (T, 3, H, W) in [-1, 1]; None for t2v / t2i."""
@@ -333,7 +460,7 @@ class Pipeline:
         return _read_clip(video, size, given, settings.fps, from_end=given_from == "end")
 
     def _given_frames(self, given_frames, settings: Settings) -> int:
-        step = self.vae.temporal_factor
+        step = self.vae_config.temporal_factor
         if given_frames is None:
             return 1 + step * max(0, (self.latent_frames(settings.frames) // 2) - 1)
         given = arguments.integer("given_frames", given_frames, 1)
@@ -353,6 +480,7 @@ class Pipeline:
         text = self._encode([templated] * B)
         text_null = self._encode([unconditional]) if guidance > 0 else None
         yield _end("text", start, timings)
+        self._release_after("text")
 
         noise = mx.random.normal(self._latent_shape(settings), key=keys[0])
         prefix = given = None
@@ -361,6 +489,7 @@ class Pipeline:
             yield StageStarted("prefix", 1)
             given, prefix = self._prefill(condition, settings, text, text_null, keys[1:], noise.shape[1])
             yield _end("prefix", start, timings)
+            self._release_after("prefix")
 
         start = time.perf_counter()
         yield StageStarted("sample", noise.shape[1] if noise.ndim == 5 else 1)
@@ -374,7 +503,10 @@ class Pipeline:
                 sampled, stats = event.latent, event.stats
             yield event
         media.check_sample(np.array(sampled), "sample (the flow's inverse)")
+        prefix = None  # its KV caches: sampling is done
+        bits = self.flow(sampled, text).bits_per_dim()  # before the flow may be released
         yield _end("sample", start, timings)
+        self._release_after("sample")
 
         latent = sampled
         if settings.denoise:
@@ -383,14 +515,15 @@ class Pipeline:
             latent = yield from self._denoise(sampled, text, settings)
             media.check_sample(np.array(latent), "denoise")
             yield _end("denoise", start, timings)
+            self._release_after("denoise")
 
         start = time.perf_counter()
         yield StageStarted("decode", B)
         frames = self._decode(latent)
         media.check_sample(frames, "decode", (-1.0, 1.0))
         yield _end("decode", start, timings)
+        self._release_after("decode")
 
-        bits = self.flow(sampled, text).bits_per_dim()
         record = {
             "task": task,
             "prompt": prompt,
@@ -414,17 +547,21 @@ class Pipeline:
     def check_prompt_length(self, templated: str, name: str = "prompt") -> None:
         """The templated prompt and its end token must fit the flow's text window (``txt_size`` tokens): the
         official code cuts a longer one silently, dropping the end of the caption the user wrote."""
-        tokens, window = len(self.tokenizer.encode(templated)) + 1, self.flow.config.txt_size
+        tokens, window = len(self.tokenizer.encode(templated)) + 1, self.flow_config.txt_size
         if tokens > window:
             raise ValueError(f"{name} is too long: {tokens} tokens with the prompt template, and the model reads "
                              f"{window}; shorten it")
 
     def _encode(self, texts: list[str]) -> mx.array:
-        return encode_prompts(self.text_encoder, self.tokenizer, texts, self.flow.config.txt_size)
+        """T5 embeddings (len(texts), txt_size, txt_dim), evaluated: a lazy result would keep T5's weights alive
+        through its graph after the text stage drops them."""
+        encoded = encode_prompts(self.text_encoder, self.tokenizer, texts, self.flow_config.txt_size)
+        mx.eval(encoded)
+        return encoded
 
     def _latent_shape(self, settings: Settings) -> tuple[int, ...]:
         height, width = self.pixel_size(settings)
-        factor, channels = self.vae.spatial_factor, self.flow.config.in_channels
+        factor, channels = self.vae_config.spatial_factor, self.flow_config.in_channels
         grid = (channels, height // factor, width // factor)
         if not self.video:
             return (settings.num_samples, *grid)
@@ -435,7 +572,7 @@ class Pipeline:
         without a window, the training length (``context_length`` frames carried over)."""
         if noise.ndim != 5:
             return {}
-        window = self.flow.config.local_attn_window
+        window = self.flow_config.local_attn_window
         trained = self.latent_frames(self.config.frames)
         if window is None and noise.shape[1] > trained:
             window = trained
@@ -499,26 +636,30 @@ class Pipeline:
         captions = [captions] if isinstance(captions, str) else captions
         captions = arguments.prompts(captions)
         settings = self.settings(seed=seed, **overrides)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        pixels = self._scored_pixels(media_or_frames, settings)
-        keys = mx.random.split(mx.random.key(settings.seed), 2)
-        latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
-        if not self.video:
-            latent = latent[:, 0]
-        latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
-        mx.eval(latent)
-        _end("encode", start, timings)
-        start = time.perf_counter()
         templated = [self.template(c, settings) for c in captions]
         for i, t in enumerate(templated):
             self.check_prompt_length(t, f"captions[{i}]")
-        text = self._encode(templated)
-        _end("text", start, timings)
-        start = time.perf_counter()
-        rows = mx.broadcast_to(latent, (len(captions), *latent.shape[1:]))
-        bits = np.array(self.flow(rows, text).bits_per_dim(), dtype=np.float64)
-        _end("likelihood", start, timings)
+        timings: dict[str, float] = {}
+        with self._running(LIKELIHOOD_STAGES):
+            start = time.perf_counter()
+            pixels = self._scored_pixels(media_or_frames, settings)
+            keys = mx.random.split(mx.random.key(settings.seed), 2)
+            latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
+            if not self.video:
+                latent = latent[:, 0]
+            latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
+            mx.eval(latent)
+            _end("encode", start, timings)
+            self._release_after("encode")
+            start = time.perf_counter()
+            text = self._encode(templated)
+            _end("text", start, timings)
+            self._release_after("text")
+            start = time.perf_counter()
+            rows = mx.broadcast_to(latent, (len(captions), *latent.shape[1:]))
+            bits = np.array(self.flow(rows, text).bits_per_dim(), dtype=np.float64)
+            _end("likelihood", start, timings)
+            self._release_after("likelihood")
         if not np.all(np.isfinite(bits)):
             raise ValueError(f"likelihood: the bits/dim hold NaN/inf ({bits.tolist()}); {media.PRECISION_FIX}")
         record = {
@@ -544,6 +685,16 @@ class Pipeline:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _read_vae_config(folder: hub.PipelineFolder):
+    if folder.vae_kind == "wan-vae":
+        from .wan_vae import WanVAEConfig
+
+        return read_model_config(folder.vae, WanVAEConfig)[0]
+    from .sd_vae import SDVAEConfig
+
+    return read_model_config(folder.vae, SDVAEConfig)[0]
+
+
 def _load_vae(folder: hub.PipelineFolder, dtype):
     if folder.vae_kind == "wan-vae":
         from .wan_vae import load_wan_vae
@@ -557,6 +708,10 @@ def _load_vae(folder: hub.PipelineFolder, dtype):
 def _check_choice(name: str, value, choices: tuple[int, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {shown(value)}")
+
+
+def _check_cache_limit(value) -> int | None:
+    return arguments.integer("cache_limit (bytes)", value, 0, optional=True, maximum=MAX_CACHE_LIMIT)
 
 
 def _check_task(task) -> str:

@@ -107,6 +107,14 @@ class SDVAEConfig(Config):
         """Spatial reduction from image to latent: one stride-2 conv per block except the last."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def spatial_factor(self) -> int:
+        return self.downsample
+
+    @property
+    def temporal_factor(self) -> int:
+        return 1  # an image VAE: every latent frame is one frame
+
     @classmethod
     def from_diffusers(cls, d: dict) -> "SDVAEConfig":
         """Read the architecture from a diffusers config.json (its other fields are ignored).
@@ -351,11 +359,11 @@ class SDVAE(CausalFrames, nn.Module):
 
     @property
     def spatial_factor(self) -> int:
-        return self.config.downsample
+        return self.config.spatial_factor
 
     @property
     def temporal_factor(self) -> int:
-        return 1  # an image VAE: every latent frame is one frame
+        return self.config.temporal_factor
 
     def to_flow_latent(
         self, pixels: mx.array, *, noise: mx.array | None = None, key: mx.array | None = None,

@@ -554,6 +554,25 @@ def load_weights_into(model: nn.Module, weights: dict[str, mx.array], config: di
     return model
 
 
+def read_model_config(folder: str | os.PathLike, config_class: type) -> tuple[Any, dict]:
+    """The parsed config of a converted folder (``config_class``, whose ``model_type`` it must have) and its raw
+    dict: every check of ``load_model`` that reads no weight."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ValueError(f"folder must be the path of a converted model folder (str or os.PathLike), got "
+                         f"{type(folder).__name__}")
+    raw = read_config(folder)
+    kind = config_class.model_type
+    if raw.get("model_type") != kind:
+        raise CheckpointError(
+            f"{folder}: model_type is {raw.get('model_type')!r}, expected {kind!r} "
+            f"(convert it with `starflow-mlx convert {kind}`)"
+        )
+    try:
+        return config_class.from_dict(raw, source=str(Path(folder) / CONFIG_NAME)), raw
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_model(
     folder: str | os.PathLike,
     config_class: type,
@@ -566,21 +585,8 @@ def load_model(
     makes the module from that config; ``dtype`` (``parse_dtype``) casts the floating weights (``None`` keeps the
     stored ones).
     """
-    if not isinstance(folder, (str, os.PathLike)):
-        raise ValueError(f"folder must be the path of a converted model folder (str or os.PathLike), got "
-                         f"{type(folder).__name__}")
     dtype = parse_dtype(dtype, optional=True)
-    raw = read_config(folder)
-    kind = config_class.model_type
-    if raw.get("model_type") != kind:
-        raise CheckpointError(
-            f"{folder}: model_type is {raw.get('model_type')!r}, expected {kind!r} "
-            f"(convert it with `starflow-mlx convert {kind}`)"
-        )
-    try:
-        config = config_class.from_dict(raw, source=str(Path(folder) / CONFIG_NAME))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    config, raw = read_model_config(folder, config_class)
     model = build(config)
     weights = read_model_folder(folder)
     if dtype is not None:
