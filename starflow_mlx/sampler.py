@@ -530,7 +530,10 @@ class FrameDenoiser:
         self.steps, self.overlap = _time_chunks(flow, frames, window)
         # horizon: -1 derives it from the model (another value is for testing the derivation)
         self.horizon = denoiser_horizon(flow.config.temporal_causal) if horizon == -1 else horizon
-        self.frames: list[mx.array] = []  # (B, C, h, w) each: as sampled, replaced by the denoised one when final
+        # (B, C, h, w) each: the chunks' inputs, as sampled, then as denoised by a finished chunk (official: the
+        # next chunk starts with the frames it shares with the previous one denoised); and the final frames
+        self.frames: list[mx.array] = []
+        self.denoised: list[mx.array] = []
         self.start = self.first = self.final = 0  # current chunk: its first frame, the first it writes; frames done
 
     def push(self, latent_frames: mx.array) -> Iterator[FramesDenoised]:
@@ -558,6 +561,7 @@ class FrameDenoiser:
                 break
             yield self._pass(given, ready)
             if self.final == stop:
+                self.frames[self.first : stop] = self.denoised[self.first : stop]
                 self.start, self.first = self.start + self.steps - self.overlap, stop
 
     def _pass(self, given: int, ready: int) -> FramesDenoised:
@@ -565,7 +569,7 @@ class FrameDenoiser:
         pred = self.flow.predict_noise(chunk, self.text, video=True)
         out = (chunk - DENOISER_STEP * pred)[:, self.final - self.start : ready - self.start]
         mx.eval(out)
-        self.frames[self.final : ready] = [out[:, i] for i in range(out.shape[1])]
+        self.denoised.extend(out[:, i] for i in range(out.shape[1]))
         event = FramesDenoised(self.final, ready, self.total, out)
         self.final = ready
         return event
@@ -574,7 +578,7 @@ class FrameDenoiser:
         """The last event, once every frame was pushed: the denoised latent (B, T, C, h, w)."""
         if self.final < self.total:
             raise ValueError(f"{self.final} of {self.total} latent frames are denoised: push the rest first")
-        return Denoised(mx.stack(self.frames, axis=1))
+        return Denoised(mx.stack(self.denoised, axis=1))
 
 
 def denoise(flow: StarFlow, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
