@@ -7,13 +7,18 @@ T5 and its tokenizer, the flow, the VAE) once; ``Pipeline.from_pretrained()`` lo
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
-  ``Denoised``) in between, ``StageFinished(stage, seconds)``, and lastly ``Generated(result)``. The stages, in
+  ``Denoised``) in between, ``FramesDecoded(start, stop, total, frames)`` (pixel frames, in order, each once, as
+  soon as they are final), ``StageFinished(stage, seconds)``, and lastly ``Generated(result)``. The stages, in
   order: ``text`` (templates and T5), ``prefix`` (image/clip to video only: VAE encode, σ noise, prefill),
-  ``sample`` (the flow's inverse), ``denoise`` (when on), ``decode`` (the VAE). Stopping the iteration (closing
-  the generator) cancels between two chunks: nothing else needs cancelling.
+  ``sample`` (the flow's inverse), ``denoise`` (when on), ``decode`` (the VAE). When the flow streams frames
+  (``Settings.stream_frames``, a video flow whose shallow blocks work within frames), each latent frame is
+  denoised (``sampler.FrameDenoiser``) and decoded (the VAE's ``decode_stream``) inside the ``sample`` stage as
+  soon as it is final, so the ``denoise`` and ``decode`` stages hold only what is left; a stage's seconds are the
+  time spent on its own work wherever it ran. Stopping the iteration (closing the generator) cancels between two
+  chunks: nothing else needs cancelling.
 - ``text_to_video``, ``text_to_image``, ``image_to_video``, ``video_to_video`` run it to the end, calling
-  ``progress(event)`` for each event and raising ``Cancelled`` as soon as ``cancel()`` (a callable or a
-  ``threading.Event``) is true.
+  ``progress(event)`` for each event and ``on_frame(event)`` for each ``FramesDecoded``, and raising
+  ``Cancelled`` as soon as ``cancel()`` (a callable or a ``threading.Event``) is true.
 
 Every setting is a field of ``Settings`` (on ``config.Config``: checked on construction, one-line errors naming
 the field); ``Pipeline.settings(**overrides)`` fills those not given from the folder's ``PipelineConfig``.
@@ -153,7 +158,8 @@ class FramesDecoded:
 
 @dataclass(frozen=True)
 class Generation:
-    """``frames``: float32 (num_samples, T, H, W, 3) in [-1, 1]; ``latent``: the final (denoised) flow latent,
+    """``frames``: float32 (num_samples, T, H, W, 3) in [-1, 1], the ``FramesDecoded`` pieces put together;
+    ``latent``: the final (denoised) flow latent,
     (num_samples, T', C, h, w) for a video flow, (num_samples, C, h, w) for an image flow; ``sampled``: the
     latent before denoising; ``given``: the noised latent of the
     given frames (i2v, v2v), which ``sampled`` starts with (the shallow blocks of a frame-local flow re-invert those

@@ -8,7 +8,9 @@ pass (the official "context pass"). This module decides *how* to invert it, and 
   ``WindowMoved`` when the sliding window moves and re-encodes its overlap, ``FrameSampled`` as soon as a latent frame is
   final, and lastly ``Sampled`` with the whole latent and the statistics. A caller streams, reports progress, or
   stops (by no longer iterating: nothing else needs cancelling) between any two events.
-- ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk.
+- ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk;
+  ``FrameDenoiser`` does the same chunks fed one sampled frame at a time, handing each denoised frame out as soon
+  as the frames its receptive field reaches (``denoiser_horizon``) are in, with the same values.
 - ``sample`` / ``denoise`` run those to the end and return the array.
 
 The solvers: the sequential inverse is block-wise Jacobi with one token per chunk and a single pass, so both share
