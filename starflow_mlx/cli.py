@@ -203,9 +203,13 @@ def generate(args: argparse.Namespace) -> list[Sample]:
 
     written = []
     for seed, path in zip(seeds, paths):
-        result = _best_of(pipeline, args.prompt, task, condition, settings, seed, best_of)
-        written.append(Sample(_write(path, result, args.overwrite), result.record))
-        log.info("wrote %s (%s bits/dim)", path, _bits(result.record))
+        if best_of == 1 and task != "t2i":  # the mp4 is written while the clip is generating
+            written.append(_write_while_sampling(path, pipeline, args.prompt, task, condition,
+                                                 {**settings, "seed": seed}, args.overwrite))
+        else:  # the best of several is known only once all are done
+            result = _best_of(pipeline, args.prompt, task, condition, settings, seed, best_of)
+            written.append(Sample(_write(path, result, args.overwrite), result.record))
+        log.info("wrote %s (%s bits/dim)", path, _bits(written[-1].record))
     return written
 
 
@@ -290,20 +294,37 @@ def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, 
     return best
 
 
-def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict):
-    """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it."""
-    from .pipeline import Generated
+def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict, video=None):
+    """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it.
+    ``video``: a ``media.VideoWriter`` that each frame is appended to as soon as it is decoded."""
+    from .pipeline import FramesDecoded, Generated
 
     progress = _Progress(shallow_blocks=pipeline.flow_config.num_blocks - 1)
     with contextlib.closing(pipeline.stream(prompt, task, **condition, **settings)) as events, progress:
         for event in events:
             progress.update(event)
+            if video is not None and isinstance(event, FramesDecoded):
+                for frame in event.frames[0]:
+                    video.write(frame)
             if isinstance(event, Generated):
                 return event.result
     raise RuntimeError("the generation stream ended without a result")
 
 
+def _write_while_sampling(path: Path, pipeline, prompt: str, task: str, condition: dict, settings: dict,
+                          overwrite: bool) -> Sample:
+    """One clip appended to its mp4 frame by frame while later frames are generating, the record put in at the
+    end; nothing is at ``path`` before then, and a failure or Ctrl-C leaves nothing (``VideoWriter`` aborts)."""
+    from . import media
+
+    fps = pipeline.settings(**settings).fps
+    with media.VideoWriter(path, fps, overwrite=overwrite) as video:
+        result = _sample(pipeline, prompt, task, condition, settings, video)
+        return Sample(video.close(result.record), result.record)
+
+
 def _write(path: Path, result, overwrite: bool) -> Path:
+    """A finished sample written at once: a PNG, or the mp4 of the best of several."""
     from . import media
 
     frames = result.frames[0]
@@ -319,37 +340,44 @@ def _bits(record: dict) -> str:
 class _Progress:
     """A tqdm bar per stage on stderr, kept when it ends, peak memory in its postfix: text, prefix, then sampling in
     two bars (the deep block over the clip's latent frames, solved first; then the shallow blocks, one by one),
-    denoise, decode."""
+    denoise, decode. When frames stream out while sampling (the shallow blocks finish each frame as the deep block
+    has solved it), the deep block's bar stays on and the frames decoded so far show in the postfix."""
 
     UNITS = {"text": "prompt", "prefix": "clip", "deep": "frame", "shallow": "block", "denoise": "frame",
              "decode": "clip"}
 
     def __init__(self, shallow_blocks: int):
         self.shallow_blocks = shallow_blocks
-        self.bar = None
-        self.deep_block = None
+        self.deep_block = shallow_blocks  # the last block
+        self.bar = self.stage = None
         self.shallow_seen: list[int] = []
+        self.streaming = False
+        self.frames_out = ""
 
     def update(self, event) -> None:
-        from .pipeline import StageFinished, StageStarted
+        from .pipeline import FramesDecoded, StageFinished, StageStarted
         from .sampler import ChunkSolved, FramesDenoised
 
         if isinstance(event, StageStarted):
             self._open("deep" if event.stage == "sample" else event.stage, event.total)
-            self.deep_block, self.shallow_seen = None, []
+            self.stage, self.shallow_seen, self.streaming = event.stage, [], False
         elif self.bar is None:
             return
+        elif isinstance(event, FramesDecoded):
+            self.frames_out = f", frames out {event.stop}/{event.total}"
+            self._advance_to(self.bar.n)
         elif isinstance(event, ChunkSolved):
-            self.deep_block = event.block if self.deep_block is None else self.deep_block
             if event.block == self.deep_block:
                 self._advance_to(self.bar.total * event.stop // event.total)
+            elif self.streaming or (not self.shallow_seen and self.bar.n < self.bar.total):
+                self.streaming = True  # the shallow blocks finish each frame while the deep block goes on
             elif event.block not in self.shallow_seen:  # a shallow block starts: the one before it is done
                 if not self.shallow_seen:
                     self._advance_to(self.bar.total)
                     self._open("shallow", self.shallow_blocks)
                 self._advance_to(len(self.shallow_seen))
                 self.shallow_seen.append(event.block)
-        elif isinstance(event, FramesDenoised):
+        elif isinstance(event, FramesDenoised) and self.stage == "denoise":
             self._advance_to(event.stop)
         elif isinstance(event, StageFinished):
             self._advance_to(self.bar.total or 1)
@@ -365,7 +393,7 @@ class _Progress:
 
     def _advance_to(self, done: int) -> None:
         self.bar.update(max(0, min(done, self.bar.total or done) - self.bar.n))
-        self.bar.set_postfix_str(f"peak {_peak_memory()}", refresh=False)
+        self.bar.set_postfix_str(f"peak {_peak_memory()}{self.frames_out}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

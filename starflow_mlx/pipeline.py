@@ -8,13 +8,18 @@ Generating is a stream of events, a consumer of the sampler's:
 
 - ``pipeline.stream(prompt, task=..., **settings)`` yields ``StageStarted(stage, total)``, the sampler's and
   denoiser's own events (``ChunkSolved``, ``WindowMoved``, ``FrameSampled``, ``Sampled``, ``FramesDenoised``,
-  ``Denoised``) in between, ``StageFinished(stage, seconds)``, and lastly ``Generated(result)``. The stages, in
+  ``Denoised``) in between, ``FramesDecoded(start, stop, total, frames)`` (pixel frames, in order, each once, as
+  soon as they are final), ``StageFinished(stage, seconds)``, and lastly ``Generated(result)``. The stages, in
   order: ``text`` (templates and T5), ``prefix`` (image/clip to video only: VAE encode, σ noise, prefill),
-  ``sample`` (the flow's inverse), ``denoise`` (when on), ``decode`` (the VAE). Stopping the iteration (closing
-  the generator) cancels between two chunks: nothing else needs cancelling.
+  ``sample`` (the flow's inverse), ``denoise`` (when on), ``decode`` (the VAE). When the flow streams frames
+  (``Settings.stream_frames``, a video flow whose shallow blocks work within frames), each latent frame is
+  denoised (``sampler.FrameDenoiser``) and decoded (the VAE's ``decode_stream``) inside the ``sample`` stage as
+  soon as it is final, so the ``denoise`` and ``decode`` stages hold only what is left; a stage's seconds are the
+  time spent on its own work wherever it ran. Stopping the iteration (closing the generator) cancels between two
+  chunks: nothing else needs cancelling.
 - ``text_to_video``, ``text_to_image``, ``image_to_video``, ``video_to_video`` run it to the end, calling
-  ``progress(event)`` for each event and raising ``Cancelled`` as soon as ``cancel()`` (a callable or a
-  ``threading.Event``) is true.
+  ``progress(event)`` for each event and ``on_frame(event)`` for each ``FramesDecoded``, and raising
+  ``Cancelled`` as soon as ``cancel()`` (a callable or a ``threading.Event``) is true.
 
 Every setting is a field of ``Settings`` (on ``config.Config``: checked on construction, one-line errors naming
 the field); ``Pipeline.settings(**overrides)`` fills those not given from the folder's ``PipelineConfig``.
@@ -30,7 +35,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -41,7 +46,10 @@ from . import __version__, arguments, hub, media, prompts
 from .attention import KV_BITS, KV_GROUP_SIZES, resolve_kv_group_size
 from .config import MAX_FRAMES, Config, bounded, shown
 from .flow import QUANT_SKIP, StarFlow, load_flow
-from .sampler import SEQUENTIAL, Jacobi, SamplerOptions, SamplerStats, Sampled, Denoised, stream_denoise, stream_sample
+from .sampler import (
+    SEQUENTIAL, Denoised, FrameDenoiser, FrameSampled, Jacobi, SamplerOptions, SamplerStats, Sampled, stream_denoise,
+    stream_sample, streams_frames,
+)
 from .t5 import T5Config, encode_prompts, load_t5
 from .tokenizer import T5Tokenizer
 from .weights import parse_dtype, quantize_model, read_config, read_model_config
@@ -92,6 +100,15 @@ class Settings(Config):
     released models were trained and are sampled at 1, and our attention has no temperature. ``kv_bits`` (8 or 4)
     quantizes the deep block's KV cache, in groups of ``kv_group_size`` (None: 64, or 32 where 64 does not divide
     the flow's head_dim; ``SamplerOptions``).
+
+    ``window``: the deep block's sliding window in latent frames (None: ``Pipeline._window``'s rule); the learnable
+    denoiser runs over chunks of the same window. ``stream_frames``: for a video flow whose shallow blocks work
+    within frames, denoise and decode each frame while later ones are sampling (``FramesDecoded``); False denoises
+    and decodes after sampling, when the deep block's KV cache is gone (a lower peak: ``memory.fit`` turns it off
+    for that). Either way the frames are the same: the shallow blocks are inverted frame by frame as the deep
+    block finishes each (with Jacobi, each frame's stopping test sees that frame; the official sampler inverts them
+    over all frames at once, ``SamplerOptions(stream_frames=False)``, which agrees within the Jacobi threshold). ``decode_tile_size``: the VAE decodes spatial tiles of this many latent pixels
+    (None: whole frames).
     """
 
     frames: int = bounded(min=1, max=MAX_FRAMES)  # --target_length
@@ -112,6 +129,9 @@ class Settings(Config):
     num_samples: int = bounded(1, min=1, max=MAX_SAMPLES)  # --sample_batch_size
     kv_bits: int | None = bounded(None, choices=KV_BITS)
     kv_group_size: int | None = bounded(None, choices=KV_GROUP_SIZES)
+    window: int | None = bounded(None, min=1, max=1024)  # --local_attn_window with --target_length
+    stream_frames: bool = True
+    decode_tile_size: int | None = bounded(None, min=1, max=4096)
 
     def validate(self) -> None:
         if self.attention_temperature != 1:
@@ -146,8 +166,21 @@ class StageFinished:
 
 
 @dataclass(frozen=True)
+class FramesDecoded:
+    """Pixel frames ``start`` .. ``stop - 1`` of ``total`` are final: ``frames``, float32 (num_samples, n, H, W, 3)
+    in [-1, 1]. They come in order, each frame once, as soon as the VAE has decoded them: while later frames are
+    still sampling when the flow streams frames (``Settings.stream_frames``), else in the decode stage."""
+
+    start: int
+    stop: int
+    total: int
+    frames: np.ndarray = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
 class Generation:
-    """``frames``: float32 (num_samples, T, H, W, 3) in [-1, 1]; ``latent``: the final (denoised) flow latent,
+    """``frames``: float32 (num_samples, T, H, W, 3) in [-1, 1], the ``FramesDecoded`` pieces put together;
+    ``latent``: the final (denoised) flow latent,
     (num_samples, T', C, h, w) for a video flow, (num_samples, C, h, w) for an image flow; ``sampled``: the
     latent before denoising; ``given``: the noised latent of the
     given frames (i2v, v2v), which ``sampled`` starts with (the shallow blocks of a frame-local flow re-invert those
@@ -391,28 +424,29 @@ class Pipeline:
         )
 
     # ---- one-call forms ----
-    def text_to_video(self, prompt: str, *, progress=None, cancel=None, **settings) -> Generation:
-        return _run(self.stream(prompt, "t2v", **settings), progress, cancel)
+    def text_to_video(self, prompt: str, *, progress=None, cancel=None, on_frame=None, **settings) -> Generation:
+        return _run(self.stream(prompt, "t2v", **settings), progress, cancel, on_frame)
 
-    def text_to_image(self, prompt: str, *, progress=None, cancel=None, **settings) -> Generation:
+    def text_to_image(self, prompt: str, *, progress=None, cancel=None, on_frame=None, **settings) -> Generation:
         """One image: STARFlow (a T2I pipeline) or one frame of STARFlow-V (fps 0: the "An image:" template)."""
-        return _run(self.stream(prompt, "t2i", **settings), progress, cancel)
+        return _run(self.stream(prompt, "t2i", **settings), progress, cancel, on_frame)
 
-    def image_to_video(self, prompt: str, image: Media, *, progress=None, cancel=None, **settings) -> Generation:
+    def image_to_video(self, prompt: str, image: Media, *, progress=None, cancel=None, on_frame=None,
+                       **settings) -> Generation:
         """A clip whose first frame is ``image`` (a PNG/JPEG/WebP path, or (H, W, 3) uint8 / float in [-1, 1]),
         resized and centre-cropped to the bucket; its latent is the final latent's first frame."""
-        return _run(self.stream(prompt, "i2v", image=image, **settings), progress, cancel)
+        return _run(self.stream(prompt, "i2v", image=image, **settings), progress, cancel, on_frame)
 
     def video_to_video(
         self, prompt: str, video: Media, *, given_frames: int | None = None, given_from: str = "end", progress=None,
-        cancel=None, **settings
+        cancel=None, on_frame=None, **settings
     ) -> Generation:
         """``video`` continued: its last ``given_frames`` frames (1 + 4k for the Wan VAE; default: the longest
         such count up to half of ``frames``) start the clip, the rest is sampled after them; with ``given_from``
         "start", its first frames are kept and the rest of it is generated anew. ``video``: a path, or (T, H, W, 3)
         frames (uint8, or float in [-1, 1])."""
         events = self.stream(prompt, "v2v", video=video, given_frames=given_frames, given_from=given_from, **settings)
-        return _run(events, progress, cancel)
+        return _run(events, progress, cancel, on_frame)
 
     # ---- the stream ----
     def stream(
@@ -491,37 +525,49 @@ class Pipeline:
             yield _end("prefix", start, timings)
             self._release_after("prefix")
 
-        start = time.perf_counter()
-        yield StageStarted("sample", noise.shape[1] if noise.ndim == 5 else 1)
-        options = SamplerOptions(guidance=guidance, solver=settings.solver(), kv_bits=settings.kv_bits,
-                                 kv_group_size=settings.kv_group_size, **self._window(noise, settings))
+        latent_frames = noise.shape[1] if noise.ndim == 5 else 1
+        yield StageStarted("sample", latent_frames)
+        # The shallow blocks are always inverted frame by frame (as each frame's deep block is done): their caches
+        # hold one frame instead of the clip, and ``stream_frames`` then only says when the frames are denoised and
+        # decoded, never what they are.
+        options = SamplerOptions(guidance=guidance, solver=settings.solver(), stream_frames=True,
+                                 kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size,
+                                 **self._window(noise, settings))
+        streamed = settings.stream_frames and streams_frames(self.flow, options, noise)
+        output = _FrameOutput(self, settings, text, noise, streamed, timings)
         stats: SamplerStats | None = None
         sampled = None
-        for event in stream_sample(self.flow, noise, None if prefix else text, None if prefix else text_null,
-                                   options, prefix):
+        events = stream_sample(self.flow, noise, None if prefix else text, None if prefix else text_null, options,
+                               prefix)
+        for event in _timed(events, "sample", timings):
             if isinstance(event, Sampled):
                 sampled, stats = event.latent, event.stats
             yield event
+            if isinstance(event, FrameSampled):
+                yield from output.sampled(event.latent[:, None])
         media.check_sample(np.array(sampled), "sample (the flow's inverse)")
         prefix = None  # its KV caches: sampling is done
-        bits = self.flow(sampled, text).bits_per_dim()  # before the flow may be released
-        yield _end("sample", start, timings)
+        bits = self.flow(sampled, text).bits_per_dim()  # here: the flow may be released after its last stage
+        mx.eval(bits)
+        yield StageFinished("sample", timings["sample"])
         self._release_after("sample")
 
         latent = sampled
         if settings.denoise:
-            start = time.perf_counter()
-            yield StageStarted("denoise", sampled.shape[1] if sampled.ndim == 5 else 1)
-            latent = yield from self._denoise(sampled, text, settings)
+            yield StageStarted("denoise", latent_frames)
+            for event in output.denoise(sampled):
+                yield event
+                if isinstance(event, Denoised):
+                    latent = event.latent
             media.check_sample(np.array(latent), "denoise")
-            yield _end("denoise", start, timings)
+            yield StageFinished("denoise", timings["denoise"])
             self._release_after("denoise")
 
-        start = time.perf_counter()
         yield StageStarted("decode", B)
-        frames = self._decode(latent)
+        yield from output.decode(latent)
+        frames = output.frames()
         media.check_sample(frames, "decode", (-1.0, 1.0))
-        yield _end("decode", start, timings)
+        yield StageFinished("decode", timings["decode"])
         self._release_after("decode")
 
         record = {
@@ -568,17 +614,29 @@ class Pipeline:
         return (settings.num_samples, self.latent_frames(settings.frames), *grid)
 
     def _window(self, noise: mx.array, settings: Settings) -> dict:
-        """The deep block's sliding window: the model's own, or for a clip longer than the training one of a model
-        without a window, the training length (``context_length`` frames carried over)."""
+        """The deep block's sliding window: ``settings.window``, else the model's own, or for a clip longer than the
+        training one of a model without a window, the training length (``context_length`` frames carried over)."""
         if noise.ndim != 5:
             return {}
-        window = self.flow_config.local_attn_window
-        trained = self.latent_frames(self.config.frames)
-        if window is None and noise.shape[1] > trained:
-            window = trained
-        if window is None or window < 2:
-            return {}
+        window = settings.window
+        if window is None:
+            window = self.flow_config.local_attn_window
+            trained = self.latent_frames(self.config.frames)
+            if window is None and noise.shape[1] > trained:
+                window = trained
+            if window is None or window < 2:
+                return {}
         return {"window": window, "overlap": min(settings.context_length, window - 1)}
+
+    def _denoise_window(self, noise: mx.array, settings: Settings) -> int | None:
+        """The learnable denoiser's chunk: the deep block's window (memory stays flat over a long clip), widened to
+        ``denoiser_window`` + 1 frames where it is shorter, since a chunk must move forward past the frames it
+        shares with the previous one (the official loop would never end there); None: the denoiser's default."""
+        window = self._window(noise, settings).get("window")
+        shared = self.flow_config.denoiser_window
+        if window is not None and shared is not None and window <= shared:
+            return shared + 1
+        return window
 
     def _prefill(self, pixels: np.ndarray, settings: Settings, text, text_null, keys, frames: int):
         """The given frames (T, 3, H, W) encoded to the flow latent, with the model's σ noise (official
@@ -589,27 +647,16 @@ class Pipeline:
         return latent, self.flow.prefill(latent, text, settings.guidance, text_null, frames=frames,
                                          kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size)
 
-    def _denoise(self, sampled: mx.array, text: mx.array, settings: Settings):
+    def _denoise(self, sampled: mx.array, text: mx.array, settings: Settings, window: int | None):
+        """The whole latent's denoising events, the last one ``Denoised``."""
         if settings.learnable_denoiser:
-            for event in stream_denoise(self.flow, sampled, text):
-                yield event
-                if isinstance(event, Denoised):
-                    return event.latent
+            yield from stream_denoise(self.flow, sampled, text, window)
+            return
         # the gradient step x - lr * σ² * grad NLL (official self-denoising of T2I, --self_denoising_lr)
         stepped = self.flow.gradient_denoise(sampled, text, self.noise_std(settings))
         latent = sampled + settings.denoise_step_size * (stepped - sampled)
         mx.eval(latent)
         yield Denoised(latent)
-        return latent
-
-    def _decode(self, latent: mx.array) -> np.ndarray:
-        """(B, T, H, W, 3) float32 pixels, one sample at a time (the decoder's memory is per clip)."""
-        out = []
-        for row in range(latent.shape[0]):
-            pixels = self.vae.from_flow_latent(latent[row : row + 1])
-            pixels = pixels if self.video else pixels[:, None]
-            out.append(np.array(pixels.transpose(0, 1, 3, 4, 2), dtype=np.float32))
-        return np.concatenate(out)
 
     def model_record(self) -> dict:
         """Where the weights came from: the model argument (``hub.DEFAULT_MODEL_ID`` for the shipped model), the
@@ -741,6 +788,102 @@ def _read_clip(source: Media, size: tuple[int, int], frames: int, fps: int, from
     return media.read_video(source, size, frames, fps=fps or None, from_end=from_end).frames
 
 
+class _FrameOutput:
+    """Sampled latent frames to ``FramesDecoded``, in order, each as soon as it is final.
+
+    When the flow streams frames, each ``FrameSampled`` goes on at once (``sampled``) through the learnable
+    denoiser (``FrameDenoiser``) and the VAE's decode streams (one per sample: the decoder's memory is one sample's
+    frame). What cannot stream runs in its own stage at the end: the gradient step (every frame depends on every
+    other), an image, or everything with ``stream_frames`` off: ``denoise`` the whole latent,
+    then ``decode`` the frames not decoded yet. The time spent goes to the stage whose work it is, wherever it ran.
+    """
+
+    def __init__(self, pipeline: "Pipeline", settings: Settings, text: mx.array, noise: mx.array, streamed: bool,
+                 timings: dict):
+        self.pipeline, self.settings, self.text, self.timings = pipeline, settings, text, timings
+        self.video = noise.ndim == 5
+        self.window = pipeline._denoise_window(noise, settings)
+        learnable = settings.denoise and settings.learnable_denoiser
+        self.denoiser = FrameDenoiser(pipeline.flow, text, noise.shape[1], self.window) if (
+            streamed and learnable) else None
+        self.streamed = streamed and (self.denoiser is not None or not settings.denoise)
+        self.streams = None  # the VAE's decode streams, opened at the first frame decoded
+        self.pieces: list[np.ndarray] = []  # decoded pixels, unclipped, (B, n, H, W, 3) each
+        self.latent_decoded = self.decoded = 0  # latent frames pushed to the decoder; pixel frames out
+
+    def sampled(self, latent_frames: mx.array) -> Iterator[PipelineEvent]:
+        """Latent frames (B, n, C, h, w) the sampler has finished: their events as they become final."""
+        if not self.streamed:
+            return
+        if self.denoiser is None:
+            yield from self._decode(latent_frames)
+            return
+        for event in _timed(self.denoiser.push(latent_frames), "denoise", self.timings):
+            yield event
+            yield from self._decode(event.latent)
+
+    def denoise(self, sampled: mx.array) -> Iterator[PipelineEvent]:
+        """The rest of the denoising, the last event ``Denoised``."""
+        if self.denoiser is None:
+            yield from _timed(self.pipeline._denoise(sampled, self.text, self.settings, self.window), "denoise",
+                              self.timings)
+            return
+        start = time.perf_counter()
+        event = self.denoiser.finish()
+        _spend(self.timings, "denoise", start)
+        yield event
+
+    def decode(self, latent: mx.array) -> Iterator[PipelineEvent]:
+        """The frames of the final latent not decoded yet."""
+        frames = latent if self.video else latent[:, None]
+        yield from self._decode(frames[:, self.latent_decoded :])
+        self.timings.setdefault("decode", 0.0)
+
+    def frames(self) -> np.ndarray:
+        """Every decoded frame, (B, T, H, W, 3) float32, not clipped."""
+        return np.concatenate(self.pieces, axis=1)
+
+    def _decode(self, latent_frames: mx.array) -> Iterator[FramesDecoded]:
+        for i in range(latent_frames.shape[1]):
+            start = time.perf_counter()
+            if self.streams is None:
+                self.streams = [self.pipeline.vae.decode_stream(tile_size=self.settings.decode_tile_size,
+                                                                channels_last=True)
+                                for _ in range(self.settings.num_samples)]
+            frame = latent_frames[:, i].transpose(0, 2, 3, 1)
+            pixels = np.concatenate([np.array(stream.push(frame[row : row + 1]), dtype=np.float32)
+                                     for row, stream in enumerate(self.streams)])
+            self.pieces.append(pixels)
+            first, self.decoded = self.decoded, self.decoded + pixels.shape[1]
+            self.latent_decoded += 1
+            _spend(self.timings, "decode", start)
+            yield FramesDecoded(first, self.decoded, self.settings.frames, np.clip(pixels, -1.0, 1.0))
+
+
+_DONE = object()
+
+
+def _timed(events: Iterator, stage: str, timings: dict) -> Iterator:
+    """``events`` passed on, the time spent making them (not the caller's time between them) added to
+    ``timings[stage]``; closing this closes ``events``."""
+    try:
+        while True:
+            start = time.perf_counter()
+            event = next(events, _DONE)
+            _spend(timings, stage, start)
+            if event is _DONE:
+                return
+            yield event
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+def _spend(timings: dict, stage: str, start: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 def _end(stage: str, start: float, timings: dict) -> StageFinished:
     timings[stage] = time.perf_counter() - start
     return StageFinished(stage, timings[stage])
@@ -762,12 +905,16 @@ def _cancelled(cancel) -> bool:
     return bool(cancel())
 
 
-def _run(events: Iterator[PipelineEvent], progress: Callable | None, cancel) -> Generation:
-    """Run a stream to its ``Generated`` event, calling ``progress`` on each event and checking ``cancel``."""
+def _run(events: Iterator[PipelineEvent], progress: Callable | None, cancel, on_frame: Callable | None = None,
+         ) -> Generation:
+    """Run a stream to its ``Generated`` event, calling ``progress`` on each event and ``on_frame`` on each
+    ``FramesDecoded``, and checking ``cancel``."""
     try:
         for event in events:
             if progress is not None:
                 progress(event)
+            if on_frame is not None and isinstance(event, FramesDecoded):
+                on_frame(event)
             if isinstance(event, Generated):
                 return event.result
             if _cancelled(cancel):

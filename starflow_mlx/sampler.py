@@ -8,7 +8,9 @@ pass (the official "context pass"). This module decides *how* to invert it, and 
   ``WindowMoved`` when the sliding window moves and re-encodes its overlap, ``FrameSampled`` as soon as a latent frame is
   final, and lastly ``Sampled`` with the whole latent and the statistics. A caller streams, reports progress, or
   stops (by no longer iterating: nothing else needs cancelling) between any two events.
-- ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk.
+- ``stream_denoise`` runs the learnable denoiser over time chunks (or the gradient step) and yields per chunk;
+  ``FrameDenoiser`` does the same chunks fed one sampled frame at a time, handing each denoised frame out as soon
+  as the frames its receptive field reaches (``denoiser_horizon``) are in, with the same values.
 - ``sample`` / ``denoise`` run those to the end and return the array.
 
 The solvers: the sequential inverse is block-wise Jacobi with one token per chunk and a single pass, so both share
@@ -25,7 +27,7 @@ import mlx.core as mx
 
 from . import arguments
 from .attention import KV_BITS, KV_GROUP_SIZES
-from .config import Config, bounded
+from .config import DENOISER_LAYERS, Config, bounded
 from .flow import DENOISER_STEP, MetaBlock, Prefix, StarFlow, guide
 
 
@@ -183,11 +185,12 @@ class Sampled:
 
 @dataclass(frozen=True)
 class FramesDenoised:
-    """The denoiser has finished latent frames ``start`` .. ``stop - 1`` of ``total``."""
+    """The denoiser has finished latent frames ``start`` .. ``stop - 1`` of ``total``: ``latent``, (B, n, C, h, w)."""
 
     start: int
     stop: int
     total: int
+    latent: mx.array | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,7 @@ def _sample_events(
         text=text_g, guidance=guidance,
         window=window, prefix=prefix.tokens[-1] if prefix is not None else None,
     )
-    if options.stream_frames and flow.shallow_local(video, T):
+    if streams_frames(flow, options, z):
         frames = []
         for event in itertools.chain([None], solve.run()):  # None: frames given as a prefix are already final
             if event is not None:
@@ -455,6 +458,12 @@ def _sample_events(
         for t in range(T):
             yield FrameSampled(t, latent[:, t])
     yield Sampled(flow.unpatchify(h, video), stats)
+
+
+def streams_frames(flow: StarFlow, options: SamplerOptions, z: mx.array) -> bool:
+    """Whether sampling ``z`` with ``options`` hands each latent frame out (``FrameSampled``) while the deep block
+    is still solving later ones: ``stream_frames`` on a video flow whose shallow blocks work within frames."""
+    return options.stream_frames and z.ndim == 5 and flow.shallow_local(True, z.shape[1])
 
 
 def sample(flow: StarFlow, z: mx.array, text: mx.array | None, text_null: mx.array | None = None,
@@ -486,7 +495,7 @@ def stream_denoise(
         return _single_event(Denoised(flow.gradient_denoise(x, text)))
     if x.ndim == 4:
         return _single_event(Denoised(x - DENOISER_STEP * flow.predict_noise(x[:, None], text, video=False)[:, 0]))
-    return _denoise_chunks(flow, x, text, *_time_chunks(flow, x.shape[1], window))
+    return _denoise_chunks(FrameDenoiser(flow, text, x.shape[1], window), x)
 
 
 def _time_chunks(flow: StarFlow, frames: int, window: int | None) -> tuple[int, int]:
@@ -502,21 +511,93 @@ def _single_event(event: Denoised) -> Iterator[DenoiseEvent]:
     yield event
 
 
-def _denoise_chunks(flow: StarFlow, x: mx.array, text: mx.array | None, steps: int, overlap: int):
-    x = mx.array(x)  # a copy: slice assignment below must not touch the caller's array
-    T = x.shape[1]
-    start, done = 0, 0  # frames before ``done`` are final: a chunk writes only its frames after them
-    while True:
-        chunk = x[:, start : start + steps]
-        pred = flow.predict_noise(chunk, text, video=True)
-        x[:, done : start + steps] = (chunk - DENOISER_STEP * pred)[:, done - start :]
-        mx.eval(x)
-        stop = min(start + steps, T)
-        yield FramesDenoised(done, stop, T)
-        if stop >= T:  # later official passes write nothing
-            break
-        start, done = start + steps - overlap, stop
-    yield Denoised(x)
+def _denoise_chunks(denoiser: "FrameDenoiser", x: mx.array) -> Iterator[DenoiseEvent]:
+    yield from denoiser.push(x)
+    yield denoiser.finish()
+
+
+def denoiser_horizon(block_causal: int, layers: int = DENOISER_LAYERS) -> int | None:
+    """Latent frames after frame f that the learnable denoiser's output at f depends on, or None for every frame
+    of its chunk (``block_causal`` 0: no mask, the denoiser is bidirectional).
+
+    Why ``layers * (block_causal - 1)``: ``denoiser.window_mask`` lets a query of frame f attend to key frames up to
+    f + A - 1 (A = ``block_causal``, the model's ``temporal_causal``), and the text rows to frames 0 .. A - 1. So
+    after l layers frame f holds information from input frames up to f + l (A - 1) through the frames, and the
+    text rows from frames up to (l - 1)(A - 1) only, which is less. A key frame that no query can reach is masked
+    out (its softmax weight is exactly 0), so the denoiser run on the chunk cut after frame f + horizon gives
+    frame f the values of the whole chunk (RoPE rows and the mask depend on the slot, not on the length)."""
+    return None if block_causal == 0 else layers * (block_causal - 1)
+
+
+class FrameDenoiser:
+    """The learnable denoiser of a video fed sampled latent frames in order (``push``), handing out each denoised
+    frame as soon as it is final: the values of ``denoise`` of the whole latent (the official chunks of ``window``
+    frames overlapping by the model's ``denoiser_window``; a chunk's first frames are the previous chunk's denoised
+    ones), within float32 rounding.
+
+    A frame of the current chunk is final once the frames up to ``denoiser_horizon`` after it are in (or the whole
+    chunk is). Each pass runs the denoiser on the chunk cut after the frames pushed so far; a pass before the
+    chunk is complete must at least double the chunk's final frames, so a chunk of n frames costs at most
+    1 + log2(n) passes of at most n frames: at most ~2x the denoiser work of one pass per chunk (plus one horizon
+    per partial pass), the price of frames that leave before the chunk is done. Frames pushed all at once take
+    exactly one pass per chunk, the official order.
+    """
+
+    def __init__(self, flow: StarFlow, text: mx.array | None, frames: int, window: int | None = None,
+                 horizon: int | None = -1):
+        self.flow, self.text, self.total = flow, text, frames
+        self.steps, self.overlap = _time_chunks(flow, frames, window)
+        # horizon: -1 derives it from the model (another value is for testing the derivation)
+        self.horizon = denoiser_horizon(flow.config.temporal_causal) if horizon == -1 else horizon
+        # (B, C, h, w) each: the chunks' inputs, as sampled, then as denoised by a finished chunk (official: the
+        # next chunk starts with the frames it shares with the previous one denoised); and the final frames
+        self.frames: list[mx.array] = []
+        self.denoised: list[mx.array] = []
+        self.start = self.first = self.final = 0  # current chunk: its first frame, the first it writes; frames done
+
+    def push(self, latent_frames: mx.array) -> Iterator[FramesDenoised]:
+        """Add the next sampled frames (B, n, C, h, w); returns an iterator of the ``FramesDenoised`` (with their
+        frames) that became final, in order, computed as it is consumed (consume it before the next push)."""
+        if len(self.frames) + latent_frames.shape[1] > self.total:
+            raise ValueError(f"pushed {len(self.frames) + latent_frames.shape[1]} latent frames, more than the "
+                             f"{self.total} of the clip")
+        self.frames.extend(latent_frames[:, i] for i in range(latent_frames.shape[1]))
+        return self._final_frames()
+
+    def _final_frames(self) -> Iterator[FramesDenoised]:
+        while self.final < self.total:
+            stop = min(self.start + self.steps, self.total)  # the chunk's end
+            given = min(len(self.frames), stop)
+            if given == stop:
+                ready = stop
+            elif self.horizon is None:
+                break
+            else:
+                ready = given - self.horizon
+                if ready < self.first + 2 * (self.final - self.first):  # a partial pass must at least double
+                    break
+            if ready <= self.final:
+                break
+            yield self._pass(given, ready)
+            if self.final == stop:
+                self.frames[self.first : stop] = self.denoised[self.first : stop]
+                self.start, self.first = self.start + self.steps - self.overlap, stop
+
+    def _pass(self, given: int, ready: int) -> FramesDenoised:
+        chunk = mx.stack(self.frames[self.start : given], axis=1)
+        pred = self.flow.predict_noise(chunk, self.text, video=True)
+        out = (chunk - DENOISER_STEP * pred)[:, self.final - self.start : ready - self.start]
+        mx.eval(out)
+        self.denoised.extend(out[:, i] for i in range(out.shape[1]))
+        event = FramesDenoised(self.final, ready, self.total, out)
+        self.final = ready
+        return event
+
+    def finish(self) -> Denoised:
+        """The last event, once every frame was pushed: the denoised latent (B, T, C, h, w)."""
+        if self.final < self.total:
+            raise ValueError(f"{self.final} of {self.total} latent frames are denoised: push the rest first")
+        return Denoised(mx.stack(self.denoised, axis=1))
 
 
 def denoise(flow: StarFlow, x: mx.array, text: mx.array | None, window: int | None = None) -> mx.array:
