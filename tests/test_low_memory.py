@@ -26,7 +26,7 @@ from tests.helpers import maxerr, refusal
 
 PROMPT = "a red square moving right"
 TRAINED_FRAMES = 17  # the shipped model's training length (pixel frames)
-LONG_FRAMES = 49
+LONG_FRAMES = 49  # 3x as long: 13 latent frames against 5
 LONGER_FRAMES = 65  # 4x as long: 17 latent frames
 # A clip 3x as long may cost this fraction of the 1x peak more (its latents, frames and the scoring pass's KV cache,
 # each a few percent here): a stage whose memory grew with the clip, e.g. a deep-block cache or a whole-sequence
