@@ -34,6 +34,7 @@ from . import hub, media
 from .config import Config, FlowConfig, PipelineConfig, bounded, config_from_official, shown
 from .sd_vae import SDVAEConfig
 from .t5 import T5Config
+from .tiling import default_overlap, tile_windows
 from .wan_vae import WanVAEConfig
 from .weights import read_config
 
@@ -61,15 +62,22 @@ GB = 1e9
 # Live copies of one attention layer's score matrix (rows, heads, queries, keys) at its peak: the scores, and the
 # softmax written beside them before they are freed.
 CPU_SCORE_COPIES = 1.84
-# Live copies of one layer's MLP hidden activations (rows, tokens, 4·width) next to its input and output.
+# Live copies of one layer's MLP hidden activations (rows, tokens, 4·width): more than the two of one layer, as
+# MLX's CPU stream runs ahead of the computation and frees a temporary only when its op has run, so the next
+# layers' buffers are allocated while earlier ones are still held.
 MLP_COPIES = 7.06
 # Live copies of a convolution's unfolded input (MLX's explicit-GEMM convolution: output positions × taps × C_in):
-# more than one, as the stream runs ahead of the computation and frees a temporary only when its op has run.
+# more than one for the same reason.
 CONV_UNFOLD_COPIES = 2.86
 # Saved activations of one flow layer kept for the backward pass of the gradient denoising step, in units of
 # (rows, tokens, width), and score matrices saved per layer on the CPU backend.
 GRAD_SAVED_WIDTHS = 14.21
 GRAD_SAVED_SCORES = 2.86
+# ---- the GPU backend (Metal, CUDA): not measured here (no GPU on the calibration machine); assumed: fused
+# ---- attention keeps no score matrix, a temporary lives until its command buffer completes (two MLP or unfold
+# ---- buffers at once), 3-D convolutions are explicit GEMMs (unfolded input) and 2-D ones implicit.
+GPU_MLP_COPIES = 2.0
+GPU_CONV_UNFOLD_COPIES = 2.0
 
 
 class MemoryLimitError(ValueError):
@@ -199,6 +207,19 @@ class Request(Config):
     low_memory: bool = False
     backend: str = bounded("gpu", choices=BACKENDS)
     stream_frames: bool | None = None
+
+
+# Request fields a generation's settings (``pipeline.Settings``, the CLI's options) carry under the same name.
+SETTING_FIELDS = (
+    "frames", "aspect_ratio", "guidance", "num_samples", "jacobi", "jacobi_block_size", "context_length",
+    "denoise", "learnable_denoiser", "kv_bits", "kv_group_size", "window", "decode_tile_size",
+)
+
+
+def request_from_settings(task: str, settings: dict, **planner) -> Request:
+    """The ``Request`` of a generation given as settings (``pipeline.Settings`` fields; those the planner does not
+    need, such as the seed, are ignored) and planner fields (``low_memory``, ``backend``, ``dtype``, ...)."""
+    return Request(task=task, **{k: v for k, v in settings.items() if k in SETTING_FIELDS}, **planner)
 
 
 def default_backend() -> str:
@@ -428,14 +449,18 @@ def _weights(model: ModelSpec, r: Request) -> dict[str, tuple[int, str]]:
         linears = _linear_shapes(part, config)
         total = config.parameter_count()
         if quant is None:
-            out[part] = (total * elements, f"{total / 1e9:.3f}B parameters in {dtype}")
+            out[part] = (total * elements, f"{_count(total)} parameters in {dtype}")
             continue
         bits, group = quant
         packed = sum(o * i for o, i in linears if i % group == 0)
         quantized_bytes = sum(o * i * bits // 8 + 2 * o * (i // group) * elements for o, i in linears if i % group == 0)
         out[part] = ((total - packed) * elements + quantized_bytes,
-                     f"{total / 1e9:.3f}B parameters, Linear weights {bits}-bit (group {group}), the rest {dtype}")
+                     f"{_count(total)} parameters, Linear weights {bits}-bit (group {group}), the rest {dtype}")
     return out
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
 def _linear_shapes(part: str, config) -> list[tuple[int, int]]:
@@ -532,7 +557,7 @@ def _attention_layer(rows: int, queries: int, keys: int, width: int, heads: int,
     """One transformer layer's working set beyond its input: the MLP's hidden activations, and on the CPU the
     attention score matrices (on the GPU the fused kernel keeps only its output). ``mask``: "causal" (built by
     the CPU fallback, none on the GPU) or "array" (a boolean (queries, keys) array on both)."""
-    mlp = MLP_COPIES * rows * queries * 4 * width * act
+    mlp = (MLP_COPIES if backend == "cpu" else GPU_MLP_COPIES) * rows * queries * 4 * width * act
     attention = 4 * rows * queries * width * act  # q, k, v of the new tokens and the output
     if backend == "cpu":
         attention += CPU_SCORE_COPIES * rows * heads * queries * keys * act
@@ -653,35 +678,43 @@ def _frames_bytes(s: _Shape) -> int:
 
 
 def _decode_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
-    tile = r.decode_tile_size
-    th, tw = (s.h, s.w) if tile is None else (min(tile, s.h), min(tile, s.w))
+    tiles = _tiles(s.h, s.w, r.decode_tile_size)
+    th, tw = max(t[2] for t in tiles), max(t[3] for t in tiles)
+    tiled = "" if r.decode_tile_size is None else f", {len(tiles)} tiles of up to {th}x{tw}"
+    kept = Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)")
+    host = Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True)
     if isinstance(model.vae, WanVAEConfig):
-        working, caches = _wan_decode(model.vae, th, tw, s.vae_act, r.backend)
-        tiles = 1 if tile is None else math.ceil(s.h / tile) * math.ceil(s.w / tile)
-        per_frame = 4 * s.height * s.width * 3 * 4
+        working, _ = _wan_decode(model.vae, th, tw, s.vae_act, r.backend)
+        caches = sum(_wan_decode(model.vae, t[2], t[3], s.vae_act, r.backend)[1] for t in tiles)
         clip = s.pixel_frames * s.height * s.width * 3 * 4
         return [
-            Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)"),
-            Term("VAE causal caches", caches * tiles, f"two frames per causal conv, {tiles} tile(s)"),
-            Term("VAE decode", working, f"one latent frame{'' if tile is None else f', {th}x{tw} tile'}: "
-                                        "the largest conv's unfolded input, its neighbours and norms"),
-            Term("decoded clip", 2 * clip + per_frame, "one sample's pixel frames, and their concatenation"),
-            Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True),
+            kept,
+            Term("VAE causal caches", caches, f"two frames per causal conv{tiled}"),
+            Term("VAE decode", working, f"one latent frame{tiled}: the largest conv's unfolded input, its "
+                                        "neighbours and norms"),
+            Term("decoded clip", 2 * clip + 4 * s.height * s.width * 3 * 4,
+                 "one sample's pixel frames, and their concatenation"),
+            host,
         ]
     working = _sd_decode(model.vae, th, tw, s.vae_act, r.backend)
-    return [
-        Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)"),
-        Term("VAE decode", working, "the largest conv's unfolded input, its neighbours and norms"),
-        Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True),
-    ]
+    return [kept, Term("VAE decode", working, f"the largest conv's unfolded input, its neighbours and norms{tiled}"),
+            host]
+
+
+def _tiles(h: int, w: int, tile: Optional[int]) -> list[tuple[int, int, int, int]]:
+    """The decoder's spatial tiles (``tiling.tile_windows``, default overlap): (y0, x0, height, width)."""
+    if tile is None:
+        return [(0, 0, h, w)]
+    return tile_windows(h, w, tile, default_overlap(tile, None))
 
 
 def _conv_working(cin: int, cout: int, t_in: int, t_out: int, h: int, w: int, taps: int, pad: int, act: int,
-                  unfold: bool) -> int:
-    """A convolution's working set: its padded input, the unfolded input (explicit GEMM), the output, and the
-    input kept for the residual."""
+                  backend: str, three_d: bool) -> int:
+    """A convolution's working set: its padded input, the unfolded input (an explicit GEMM: every convolution on
+    the CPU, 3-D ones on the GPU), the output, and the input kept for the residual."""
     padded = t_in * (h + 2 * pad) * (w + 2 * pad) * cin * act
-    unfolded = CONV_UNFOLD_COPIES * t_out * h * w * taps * cin * act if unfold else 0
+    copies = CONV_UNFOLD_COPIES if backend == "cpu" else (GPU_CONV_UNFOLD_COPIES if three_d else 0)
+    unfolded = copies * t_out * h * w * taps * cin * act
     return int(padded + unfolded + t_out * h * w * (cout + cin) * act + t_out * h * w * cin * 4)
 
 
@@ -697,7 +730,7 @@ def _wan_decode(vae: WanVAEConfig, h: int, w: int, act: int, backend: str) -> tu
 
     def conv3(cin, cout):
         nonlocal peak, caches
-        peak = max(peak, _conv_working(cin, cout, t + 2, t, h, w, 27, 1, act, True))
+        peak = max(peak, _conv_working(cin, cout, t + 2, t, h, w, 27, 1, act, backend, True))
         caches += 2 * h * w * cin * act
 
     conv3(vae.z_dim, dims[0])
@@ -711,27 +744,26 @@ def _wan_decode(vae: WanVAEConfig, h: int, w: int, act: int, backend: str) -> tu
             conv3(cout, cout)
         if i < n - 1:
             if temporal_up[i]:
-                peak = max(peak, _conv_working(cout, 2 * cout, t + 2, t, h, w, 3, 0, act, True))
+                peak = max(peak, _conv_working(cout, 2 * cout, t + 2, t, h, w, 3, 0, act, backend, True))
                 caches += 2 * h * w * cout * act
                 t *= 2
             h, w = 2 * h, 2 * w
-            peak = max(peak, _conv_working(cout, cout, t, t, h, w, 9, 1, act, backend == "cpu"))
+            peak = max(peak, _conv_working(cout, cout, t, t, h, w, 9, 1, act, backend, False))
     conv3(dims[-1], vae.image_channels * vae.patch_size**2)
     return peak, caches
 
 
 def _sd_decode(vae: SDVAEConfig, h: int, w: int, act: int, backend: str) -> int:
     widths = vae.block_out_channels[::-1]
-    unfold = backend == "cpu"
-    peak = _conv_working(vae.latent_channels, widths[0], 1, 1, h, w, 9, 1, act, unfold)
+    peak = _conv_working(vae.latent_channels, widths[0], 1, 1, h, w, 9, 1, act, backend, False)
     peak = max(peak, (h * w) ** 2 * (4 if backend == "cpu" else 0) * 2)
     for i, width in enumerate(widths):
         cin = widths[max(i - 1, 0)]
         for j in range(vae.layers_per_block + 1):
-            peak = max(peak, _conv_working(cin if j == 0 else width, width, 1, 1, h, w, 9, 1, act, unfold))
+            peak = max(peak, _conv_working(cin if j == 0 else width, width, 1, 1, h, w, 9, 1, act, backend, False))
         if i < len(widths) - 1:
             h, w = 2 * h, 2 * w
-            peak = max(peak, _conv_working(width, width, 1, 1, h, w, 9, 1, act, unfold))
+            peak = max(peak, _conv_working(width, width, 1, 1, h, w, 9, 1, act, backend, False))
     return peak
 
 
