@@ -783,14 +783,17 @@ DECODE_TILES = (32, 16)
 
 def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset | set = frozenset()) -> MemoryPlan:
     """The plan of ``request`` that fits ``limit`` bytes, changing in order only the fields not in ``fixed``:
-    ``low_memory`` on (results unchanged), VAE decode tiles, an 8-bit then a 4-bit KV cache. Raises
-    ``MemoryLimitError`` with the numbers when nothing fits; reads no weight."""
+    ``low_memory`` on (results unchanged), VAE decode tiles (the seams change slightly), an 8-bit then a 4-bit KV
+    cache; a change is made only while a stage it lowers is over the limit. Raises ``MemoryLimitError`` with the
+    numbers when nothing fits; reads no weight."""
     limit = _check_limit(limit)
     current = plan(model, request)
     tried = []
-    for name, value, words in _steps(request, fixed, model):
+    for name, value, words, stages in _steps(request, fixed):
         if current.peak <= limit:
             break
+        if not any(s.peak > limit for s in current.stages if s.stage in stages):
+            continue  # the stages this step lowers fit already: keep the user's setting
         candidate = dataclasses.replace(current.request, **{name: value})
         tried.append(words)
         current = dataclasses.replace(plan(model, candidate), changes=(*current.changes, words))
@@ -803,16 +806,17 @@ def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset
     return current
 
 
-def _steps(request: Request, fixed, model: ModelSpec):
+def _steps(request: Request, fixed):
+    """(field, value, words, the stages it lowers) of each change ``fit`` may make, in its order."""
     if "low_memory" not in fixed and not request.low_memory:
-        yield "low_memory", True, "low_memory on"
+        yield "low_memory", True, "low_memory on", STAGES
     if "decode_tile_size" not in fixed and request.decode_tile_size is None:
         for tile in DECODE_TILES:
-            yield "decode_tile_size", tile, f"decode tiles of {tile} latent pixels"
+            yield "decode_tile_size", tile, f"decode tiles of {tile} latent pixels", ("decode",)
     if "kv_bits" not in fixed:
         for bits in (8, 4):
             if request.kv_bits is None or bits < request.kv_bits:
-                yield "kv_bits", bits, f"{bits}-bit KV cache"
+                yield "kv_bits", bits, f"{bits}-bit KV cache", ("sample", "prefix")
 
 
 def _check_limit(limit) -> int:
