@@ -60,7 +60,7 @@ CALIBRATION = {
 # Checked by tests/test_memory.py: sizes that none of the calibration cases has.
 TEST = {
     "video-guided": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 10, "channels": 192, "top_block_channels": 384},
-                     "vae": {**WAN_SMALL, "decoder_base_dim": 24}, "settings": {"frames": 13, "guidance": 2.5}},
+                     "vae": {**WAN_SMALL, "decoder_base_dim": 24}, "settings": {"frames": 9, "guidance": 2.5}},
     "image": {"task": "t2i", "flow": {**IMAGE_FLOW, "img_size": 12, "channels": 192, "layers_per_block": [2, 2]},
               "vae": {**SD_SMALL, "block_out_channels": [48, 96, 96], "norm_num_groups": 16},
               "settings": {"guidance": 3.0}},

@@ -15,6 +15,9 @@ T5 and its tokenizer, the flow, the VAE) once; ``Pipeline.from_pretrained()`` lo
   ``progress(event)`` for each event and raising ``Cancelled`` as soon as ``cancel()`` (a callable or a
   ``threading.Event``) is true.
 
+``pipeline.plan(task, **settings)`` predicts the peak memory of a generation, stage by stage, without allocating
+(``memory.plan``).
+
 Every setting is a field of ``Settings`` (on ``config.Config``: checked on construction, one-line errors naming
 the field); ``Pipeline.settings(**overrides)`` fills those not given from the folder's ``PipelineConfig``.
 Results: ``Generation.frames`` float32 (num_samples, T, H, W, 3) in [-1, 1] (channels last, ready for

@@ -362,6 +362,27 @@ def test_bad_plan_input_is_one_line_exit_2(case, caplog, capsys):
     assert named in one_error(caplog, capsys)
 
 
+BAD_GENERATE_LIMIT = {
+    "limit-nan": ("nan", "--memory-limit must be a finite number"),
+    "limit-negative": ("-1", "--memory-limit must be > 0"),
+    "limit-text": ("plenty", "--memory-limit"),
+    "limit-too-small": ("0.0001", "exceeds the memory limit 0.00 GB"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE_LIMIT), ids=list(BAD_GENERATE_LIMIT))
+def test_bad_generate_memory_limit_is_one_line_exit_2_and_nothing_loaded(case, tmp_path, monkeypatch, caplog, capsys):
+    from starflow_mlx.pipeline import Pipeline
+
+    loads = []
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    value, named = BAD_GENERATE_LIMIT[case]
+    out = tmp_path / "clip.mp4"
+    assert cli("generate", "a red square", "--out", out, f"--memory-limit={value}") == 2
+    assert named in one_error(caplog, capsys)
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
 BAD_LIBRARY = {
     "limit-string": (lambda spec: memory.fit(spec, memory.Request(), "1GB"), "memory limit must be a positive"),
     "limit-bool": (lambda spec: memory.fit(spec, memory.Request(), True), "memory limit must be a positive"),
