@@ -181,7 +181,8 @@ class Request(Config):
     rule. ``dtype``: the weights' dtype after loading (None: as stored); ``q_bits``: quantize the flow's and
     T5's Linear layers at load; ``kv_bits``: the deep block's quantized KV cache; ``window``: the deep block's
     sliding window (latent frames); ``decode_tile_size``: VAE decode tiles (latent pixels); ``low_memory``: load
-    each part for the stages that need it; ``backend``: "cpu" or "gpu"."""
+    each part for the stages that need it; ``backend``: "cpu" or "gpu"; ``stream_frames``: the shallow blocks
+    inverted one frame at a time (None: what the pipeline does, ``PIPELINE_STREAMS_FRAMES``)."""
 
     model_type = "request"
 
@@ -365,7 +366,7 @@ def plan(model: ModelSpec, request: Request) -> MemoryPlan:
     shape = {
         "frames": s.pixel_frames, "height": s.height, "width": s.width, "latent_frames": s.T,
         "tokens_per_frame": s.F, "text_tokens": s.L, "window": s.window, "guidance": s.guidance,
-        "deep_slots": s.L + s.F * (s.T if s.window is None else min(s.T, s.window)), "dtype": s.dtype,
+        "deep_slots": _deep_slots(s), "dtype": s.dtype,
         "weights_bytes": {part: b for part, (b, _) in weights.items()},
     }
     return MemoryPlan(model.name, request, tuple(stages), shape)
@@ -525,9 +526,18 @@ def _kept_arrays(model: ModelSpec, s: _Shape) -> int:
     return 3 * s.B * s.T * s.h * s.w * model.flow.in_channels * 4
 
 
+def _deep_slots(s: _Shape) -> int:
+    """Slots of the deep block's cache (``StarFlow.make_cache``): the text and the window's frames (or all)."""
+    return s.L + s.F * (s.T if s.window is None else min(s.T, s.window))
+
+
+def _streams(r: Request) -> bool:
+    return r.stream_frames if r.stream_frames is not None else PIPELINE_STREAMS_FRAMES
+
+
 def _deep_cache(model: ModelSpec, r: Request, s: _Shape) -> Term:
     flow = model.flow
-    slots = s.L + s.F * (s.T if s.window is None else min(s.T, s.window))
+    slots = _deep_slots(s)
     elements = flow.layers_per_block[-1] * 2 * s.rows * slots * flow.top_channels
     size, text = _cache_bytes(elements, s.act, r.kv_bits, r.kv_group_size)
     return Term("KV cache (deep block)", size,
@@ -545,8 +555,7 @@ def _cache_bytes(elements: int, act: int, bits: Optional[int], group: int) -> tu
 def _shallow_caches(model: ModelSpec, r: Request, s: _Shape) -> Term:
     flow = model.flow
     local = flow.shallow_block_local and s.T > 1
-    stream = r.stream_frames if r.stream_frames is not None else PIPELINE_STREAMS_FRAMES
-    rows, slots = (s.B, s.F) if (local and stream) else ((s.B * s.T, s.F) if local else (s.B, s.F * s.T))
+    rows, slots = (s.B, s.F) if (local and _streams(r)) else ((s.B * s.T, s.F) if local else (s.B, s.F * s.T))
     layers = sum(flow.layers_per_block[:-1])
     size = layers * 2 * rows * slots * flow.channels * s.act
     return Term("KV caches (shallow)", size, f"{layers} layers x 2 x {rows} rows x {slots} slots x {flow.channels}")
@@ -596,7 +605,7 @@ def _sample_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
         for q, k, what in _deep_passes(s)
     )
     local = flow.shallow_block_local and s.T > 1
-    shallow_rows = s.B if (not local or (r.stream_frames or PIPELINE_STREAMS_FRAMES)) else s.B * s.T
+    shallow_rows = s.B if (not local or _streams(r)) else s.B * s.T
     shallow_keys = s.F if local else s.F * s.T
     shallow = _attention_layer(shallow_rows, s.chunk_first, shallow_keys, flow.channels,
                                flow.channels // flow.head_dim, s.act, r.backend)

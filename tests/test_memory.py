@@ -161,6 +161,17 @@ def test_each_setting_changes_its_own_terms():
     assert _terms(long, "sample")["KV cache (deep block)"] == _terms(plain, "sample")["KV cache (deep block)"]
 
 
+def test_image_and_video_to_video_plan_the_prefix_stage():
+    spec = memory.preset("t2v-7b")
+    i2v = memory.plan(spec, memory.Request(task="i2v", backend="gpu"))
+    assert [s.stage for s in i2v.stages] == ["text", "prefix", "sample", "denoise", "decode", "score"]
+    assert "VAE encode" in _terms(i2v, "prefix")
+    v2v = memory._shape(spec, memory.Request(task="v2v", backend="gpu"))  # default: the longest 1 + 4k <= half
+    assert v2v.given == 10 and memory._shape(spec, memory.Request(task="v2v", given_frames=5, backend="gpu")).given == 2
+    prefill = _terms(memory.plan(spec, memory.Request(task="v2v", backend="cpu")), "prefix")["activations"]
+    assert prefill > _terms(memory.plan(spec, memory.Request(task="i2v", backend="cpu")), "prefix")["activations"]
+
+
 def test_the_deep_block_passes_follow_the_sampler_schedule():
     spec = memory.preset("t2v-7b")
     s = memory._shape(spec, memory.Request(task="t2v", frames=9, backend="gpu"))  # 3 latent frames, chunk 32/128
