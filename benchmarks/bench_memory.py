@@ -10,7 +10,8 @@ Prints Markdown tables (the "Memory" section of BENCHMARKS.md):
    ``max_recommended_working_set_size``, about 75% of RAM) holds it. Two settings: everything resident (today's
    defaults), and the low-memory plan (each part loaded for its stages, VAE decode in 16-latent-pixel tiles,
    frames streamed: the shallow blocks one frame at a time, as the pipeline does once frames stream).
-2. With ``--measure``: the planner against the measured peak (``mx.get_peak_memory``) on scaled random-weight
+2. The planner on ``bench_pipeline.py``'s configuration against the peaks the "Pipeline" section measured.
+3. With ``--measure``: the planner against the measured peak (``mx.get_peak_memory``) on scaled random-weight
    pipelines on this CPU (``benchmarks/calibrate_memory.py``'s cases), stage by stage.
 
 The GPU figures are predictions: no Metal device was measured here.
@@ -86,6 +87,33 @@ def measured_table() -> list[str]:
     return lines
 
 
+# The "Pipeline: time and peak memory per stage" section of BENCHMARKS.md (bench_pipeline.py, Jacobi run), MiB.
+PIPELINE_SECTION_MIB = {"text": 257, "sample": 353, "denoise": 374, "decode": 1312}
+
+
+def pipeline_section_check() -> list[str]:
+    """The planner on bench_pipeline.py's configuration, against the peaks that section measured."""
+    import yaml
+
+    from benchmarks.bench_pipeline import YAML
+    from starflow_mlx.config import PipelineConfig, config_from_official, official_args
+    from starflow_mlx.t5 import T5Config
+    from starflow_mlx.wan_vae import WanVAEConfig
+
+    flow = config_from_official(official_args(yaml.safe_load(YAML), "bench_pipeline"), "bench_pipeline", 64)
+    text = T5Config(vocab_size=203, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=16, relative_attention_max_distance=12)
+    spec = memory.ModelSpec("bench_pipeline", PipelineConfig.for_flow(flow), flow, text,
+                            WanVAEConfig(base_dim=16, decoder_base_dim=24),
+                            {"flow": "float32", "text": "float32", "vae": "float32"})
+    plan = memory.plan(spec, memory.Request(task="t2v", frames=17, backend="cpu"))
+    lines = ["| stage | measured MiB | planned MiB | error |", "|---|---|---|---|"]
+    for stage, measured in PIPELINE_SECTION_MIB.items():
+        planned = plan.stage(stage).mlx_peak / 2**20
+        lines.append(f"| {stage} | {measured} | {planned:.0f} | {100 * (planned / measured - 1):+.1f}% |")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="also measure the scaled cases on this CPU")
@@ -99,6 +127,8 @@ def main(argv=None) -> int:
         out += released_table("t2i-3b", "t2i", {"image": 1}, low) + [""]
     out += ["**The issue's goal: 7B T2V, 5 s, 4-bit weights, 4-bit KV cache (low-memory plan)**", ""]
     out += goal_plan() + [""]
+    out += ["**Planned vs the \"Pipeline\" section's measured peaks** (bench_pipeline.py's configuration)", ""]
+    out += pipeline_section_check() + [""]
     if args.measure:
         out += ["**Planned vs measured on this CPU (scaled random-weight pipelines)**", ""] + measured_table()
     print("\n".join(out))
