@@ -447,8 +447,8 @@ def _fit_memory(args: argparse.Namespace, settings: dict):
             task, {**settings, **chosen}, given_frames=args.given_frames, dtype=args.dtype, q_bits=args.q_bits,
             q_group_size=args.q_group_size or 64, low_memory=low_memory, backend=memory.default_backend())
         plan = memory.fit(spec, request, limit, fixed)
-    log.info("memory plan: peak %.2f GB in %s, limit %.2f GB (%s)%s", plan.peak / memory.GB, plan.peak_stage,
-             limit / memory.GB, source, "".join(f"; {change}" for change in plan.changes))
+    log.info("memory plan: peak %s in %s, limit %s (%s)%s", memory.format_bytes(plan.peak), plan.peak_stage,
+             memory.format_bytes(limit), source, "".join(f"; {change}" for change in plan.changes))
     return dataclasses.replace(plan, shape={**plan.shape, "limit_bytes": limit})
 
 
@@ -520,7 +520,7 @@ def plan(args: argparse.Namespace) -> dict:
         return description
     lines = result.explain()
     if limit is not None:
-        lines.append(f"  fits within the limit of {limit / memory.GB:.2f} GB")
+        lines.append(f"  fits within the limit of {memory.format_bytes(limit)}")
     _print("\n".join(lines))
     return description
 

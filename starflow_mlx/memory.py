@@ -295,10 +295,10 @@ class MemoryPlan:
             f"{s['deep_slots']} slots" + (f" (window {s['window']} frames)" if s["window"] else ""),
         ]
         for stage in self.stages:
-            lines.append(f"  {stage.stage:<8} {_gb(stage.peak):>10}")
+            lines.append(f"  {stage.stage:<8} {format_bytes(stage.peak):>10}")
             for term in stage.terms:
-                lines.append(f"    {term.name:<22} {_gb(term.bytes):>10}  {term.explanation}")
-        lines.append(f"  peak {_gb(self.peak)} in {self.peak_stage}")
+                lines.append(f"    {term.name:<22} {format_bytes(term.bytes):>10}  {term.explanation}")
+        lines.append(f"  peak {format_bytes(self.peak)} in {self.peak_stage}")
         for change in self.changes:
             lines.append(f"  changed: {change}")
         return lines
@@ -316,7 +316,8 @@ class MemoryPlan:
         }
 
 
-def _gb(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes for a terminal: GB (decimal) with three decimals from 10 MB, else MB with two."""
     return f"{n / GB:.3f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
@@ -809,8 +810,8 @@ def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset
     if current.peak > limit:
         what = ", ".join(tried) if tried else "nothing (every setting was fixed)"
         raise MemoryLimitError(
-            f"predicted peak {current.peak / GB:.2f} GB in {current.peak_stage} exceeds the memory limit "
-            f"{limit / GB:.2f} GB; tried: {what}"
+            f"predicted peak {format_bytes(current.peak)} in {current.peak_stage} exceeds the memory limit "
+            f"{format_bytes(limit)}; tried: {what}"
         )
     return current
 

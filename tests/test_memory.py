@@ -234,8 +234,8 @@ def test_fit_refuses_with_the_numbers_in_one_line():
     last = memory.plan(spec, dataclasses.replace(request, low_memory=True, decode_tile_size=16, kv_bits=4))
     message = refusal(lambda: memory.fit(spec, request, 4 * GB), memory.MemoryLimitError)
     assert "\n" not in message
-    assert f"predicted peak {last.peak / GB:.2f} GB in {last.peak_stage}" in message
-    assert "memory limit 4.00 GB" in message
+    assert f"predicted peak {memory.format_bytes(last.peak)} in {last.peak_stage}" in message
+    assert "memory limit 4.000 GB" in message
     assert "tried: low_memory on, decode tiles of 32 latent pixels, decode tiles of 16 latent pixels, " \
            "8-bit KV cache, 4-bit KV cache" in message
     fixed = refusal(lambda: memory.fit(spec, request, 4 * GB, fixed={"low_memory", "kv_bits", "decode_tile_size"}),
@@ -306,7 +306,7 @@ def test_generate_refuses_an_over_limit_plan_before_loading(tmp_path, monkeypatc
     out = tmp_path / "clip.mp4"
     assert cli("generate", "a red square", "--out", out, "--memory-limit", "0.001") == 2
     message = one_error(caplog, capsys)
-    assert "exceeds the memory limit 0.00 GB" in message and "tried: low_memory on" in message
+    assert "exceeds the memory limit 1.00 MB" in message and "tried: low_memory on" in message
     assert loads == [] and not out.exists()
 
 
@@ -327,7 +327,8 @@ def test_generate_logs_its_plan_and_bounds_the_buffer_cache(tmp_path, monkeypatc
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan"))
     plan = memory.plan(memory.from_folder(hub.default_model()),
                        memory.Request(task="t2i", frames=1, backend=memory.default_backend()))
-    assert line == f"memory plan: peak {plan.peak / GB:.2f} GB in {plan.peak_stage}, limit 4.00 GB (--memory-limit)"
+    assert line == f"memory plan: peak {memory.format_bytes(plan.peak)} in {plan.peak_stage}, limit 4.000 GB " \
+                   "(--memory-limit)"
     assert loaded[0].cache_limit == 4 * 10**9 - plan.peak
 
 
@@ -377,7 +378,7 @@ BAD_GENERATE_LIMIT = {
     "limit-nan": ("nan", "--memory-limit must be a finite number"),
     "limit-negative": ("-1", "--memory-limit must be > 0"),
     "limit-text": ("plenty", "--memory-limit"),
-    "limit-too-small": ("0.0001", "exceeds the memory limit 0.00 GB"),
+    "limit-too-small": ("0.0001", "exceeds the memory limit 0.10 MB"),
 }
 
 
