@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
 import sys
 import threading
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,7 +404,8 @@ MEMORY_LIMIT_DEFAULT = ("a safe share of this machine's memory: on a Mac, Metal'
                         "of RAM), elsewhere 75%% of physical memory")
 # plan's options -> memory.Request fields (beside SETTING_OPTIONS), for naming a refused value as typed.
 PLAN_OPTIONS = {"num_samples": "num_samples", "kv_bits": "kv_bits", "decode_tile_size": "decode_tile_size",
-                "window": "window", "q_bits": "q_bits", "backend": "backend", "task": "task"}
+                "window": "window", "q_bits": "q_bits", "q_group_size": "q_group_size", "backend": "backend",
+                "task": "task"}
 MAX_MEMORY_LIMIT_GB = 1 << 20
 
 
@@ -499,9 +500,8 @@ def plan(args: argparse.Namespace) -> dict:
     """``starflow-mlx plan``: the stage table and its explanation; with a limit, the fitted plan or the refusal."""
     from . import hub, memory
 
+    _check_group_size(args)
     spec = memory.preset(args.preset) if args.preset else memory.from_folder(hub.resolve_model(args.model))
-    if args.q_group_size is not None and args.q_bits is None:
-        raise ValueError("--q-group-size goes with --q-bits 4 or 8")
     settings = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
                 if getattr(args, option, None) is not None}
     planner = {name: getattr(args, name) for name in ("kv_bits", "window", "decode_tile_size", "q_bits")

@@ -18,7 +18,7 @@ weights need not be here. ``fit(model, request, limit)`` changes what the user l
 raises ``MemoryLimitError`` with the numbers.
 
 The planner predicts MLX's *active* memory (what ``mx.get_peak_memory`` reports) plus the decoded frames held in
-host (numpy) memory; MLX's buffer cache comes on top unless bounded (``fit`` gives a ``cache_limit`` for that).
+host (numpy) memory; MLX's buffer cache comes on top unless bounded (``cache_limit(plan, limit)``: the headroom).
 Its constants for the CPU backend come from ``benchmarks/calibrate_memory.py``; the GPU figures are predictions.
 """
 
