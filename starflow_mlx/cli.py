@@ -1,6 +1,7 @@
 """``starflow-mlx`` command line: ``generate`` (a prompt, and an image or a clip, in; an mp4 or PNG with its settings
 out), ``score`` (bits/dim of a clip or image under captions), ``info`` (the settings back from a written file, or
-what a model is) and ``convert <kind>``. ``--model`` is optional wherever it is taken: without it, the model shipped
+what a model is), ``plan`` (the peak memory a generation will need, from config files alone) and
+``convert <kind>``. ``--model`` is optional wherever it is taken: without it, the model shipped
 in the package (``hub.default_model``). Results go to stdout; progress bars (stderr) and messages (``logging``) to
 stderr.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_score(commands)
     _add_info(commands)
+    _add_plan(commands)
     return parser
 
 
@@ -162,6 +165,8 @@ def _add_generate(commands) -> None:
                    help="quantize the deep block's KV cache (MLX affine; default: float)")
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
                    help="with --kv-bits (default 64, or 32 where 64 does not divide the model's head_dim)")
+    _add_memory_limit(p, "plan the run before loading and choose settings that fit within GB (decimal gigabytes), "
+                         "or refuse with the numbers; default: " + MEMORY_LIMIT_DEFAULT)
     p.set_defaults(func=generate)
 
 
@@ -190,7 +195,9 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     for path in paths:
         _check_free(path, args.overwrite)
 
-    pipeline = _load(args)
+    memory_plan = _fit_memory(args, settings)
+    pipeline = _load(args, low_memory=memory_plan.request.low_memory)
+    _apply_memory_plan(pipeline, memory_plan, settings)
     task = _task(pipeline, args, settings)
     if out.suffix.lower() != _SUFFIX[task]:
         kind = "an image" if task == "t2i" else "a video"
@@ -224,8 +231,9 @@ def _options_named():
         yield
     except ValueError as e:
         message = str(e)
-        for option, field in SETTING_OPTIONS.items():
-            message = message.replace(f"Settings.{field} ", f"--{option.replace('_', '-')} ")
+        for option, field in {**SETTING_OPTIONS, **PLAN_OPTIONS}.items():
+            for owner in ("Settings", "Request"):
+                message = message.replace(f"{owner}.{field} ", f"--{option.replace('_', '-')} ")
         if message == str(e):
             raise
         raise ValueError(message) from None
@@ -254,14 +262,21 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None, help="with --q-bits (default 64)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, low_memory: bool = False):
     from .hub import DEFAULT_MODEL_ID
     from .pipeline import Pipeline
 
+    _check_group_size(args)
+    log.info("loading %s", DEFAULT_MODEL_ID if args.model is None else args.model)
+    # low_memory (per-stage loading) is passed only when on, so that a pipeline without it loads as before
+    extra = {"low_memory": True} if low_memory else {}
+    return Pipeline.from_pretrained(args.model, args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size or 64,
+                                    **extra)
+
+
+def _check_group_size(args: argparse.Namespace) -> None:
     if args.q_group_size is not None and args.q_bits is None:
         raise ValueError("--q-group-size applies to quantizing at load: pass --q-bits 4 or 8 with it")
-    log.info("loading %s", DEFAULT_MODEL_ID if args.model is None else args.model)
-    return Pipeline.from_pretrained(args.model, args.dtype, q_bits=args.q_bits, q_group_size=args.q_group_size or 64)
 
 
 def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
@@ -411,6 +426,135 @@ def _peak_memory() -> str:
     import mlx.core as mx
 
     return f"{mx.get_peak_memory() / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plan, and generate's memory limit
+# ----------------------------------------------------------------------------------------------------------------
+
+MEMORY_LIMIT_DEFAULT = ("a safe share of this machine's memory: on a Mac, Metal's recommended working set (about 75%% "
+                        "of RAM), elsewhere 75%% of physical memory")
+# plan's options -> memory.Request fields (beside SETTING_OPTIONS), for naming a refused value as typed.
+PLAN_OPTIONS = {"num_samples": "num_samples", "kv_bits": "kv_bits", "decode_tile_size": "decode_tile_size",
+                "window": "window", "q_bits": "q_bits", "q_group_size": "q_group_size", "backend": "backend",
+                "task": "task"}
+MAX_MEMORY_LIMIT_GB = 1 << 20
+
+
+def _add_memory_limit(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB", help=text)
+
+
+def _memory_limit(args: argparse.Namespace, default: bool) -> tuple[int | None, str]:
+    """(bytes, where the figure comes from) of --memory-limit; without it the machine's safe share (``default``)
+    or None."""
+    from . import arguments, memory
+
+    if args.memory_limit is None:
+        return memory.default_limit() if default else (None, "")
+    gb = arguments.finite_number("--memory-limit", args.memory_limit, positive=True)
+    if gb > MAX_MEMORY_LIMIT_GB:
+        raise ValueError(f"--memory-limit must be at most {MAX_MEMORY_LIMIT_GB} GB, got {gb:g}")
+    return int(gb * memory.GB), "--memory-limit"
+
+
+def _fit_memory(args: argparse.Namespace, settings: dict):
+    """generate's plan, made before any weight is loaded: the settings that fit the memory limit, or a refusal
+    (``memory.MemoryLimitError``) with the numbers."""
+    from . import hub, memory
+
+    spec = memory.from_folder(hub.resolve_model(args.model))
+    _check_group_size(args)
+    if args.image is not None:
+        task = "i2v"
+    elif args.video is not None:
+        task = "v2v"
+    else:
+        task = "t2v" if spec.video and settings.get("frames") != 1 else "t2i"
+    chosen = {name: getattr(args, name) for name in ("kv_bits", "decode_tile_size") if getattr(args, name, None)}
+    low_memory = bool(getattr(args, "low_memory", False))
+    fixed = set(chosen) | ({"low_memory"} if low_memory else set())
+    limit, source = _memory_limit(args, default=True)
+    with _options_named():
+        request = memory.request_from_settings(
+            task, {**settings, **chosen}, given_frames=args.given_frames, dtype=args.dtype, q_bits=args.q_bits,
+            q_group_size=args.q_group_size or 64, low_memory=low_memory, backend=memory.default_backend())
+        plan = memory.fit(spec, request, limit, fixed)
+    log.info("memory plan: peak %s in %s, limit %s (%s)%s", memory.format_bytes(plan.peak), plan.peak_stage,
+             memory.format_bytes(limit), source, "".join(f"; {change}" for change in plan.changes))
+    return dataclasses.replace(plan, shape={**plan.shape, "limit_bytes": limit})
+
+
+def _apply_memory_plan(pipeline, plan, settings: dict) -> None:
+    """The fitted plan's choices: its settings (``kv_bits``, ``decode_tile_size``: ``pipeline.Settings`` fields),
+    and the MLX buffer cache bounded to the headroom under the limit (``pipeline.cache_limit``)."""
+    from . import memory
+
+    pipeline.cache_limit = memory.cache_limit(plan, plan.shape["limit_bytes"])
+    for name in ("kv_bits", "decode_tile_size"):
+        value = getattr(plan.request, name)
+        if value is not None:
+            settings.setdefault(name, value)
+
+
+def _add_plan(commands) -> None:
+    p = commands.add_parser(
+        "plan", help="the peak memory a generation will need, stage by stage (no weight is read)",
+        description="Predict the peak memory of a generation from the model's config files alone: each stage "
+        "(text, prefix, sample, denoise, decode, score) and the terms that make it up. With --memory-limit, the "
+        "settings that fit (low memory, VAE decode tiles, 8- then 4-bit KV cache), or a refusal with the numbers.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, metavar="PATH_OR_REPO",
+                        help="pipeline folder, or hub repo id of a converted pipeline (default: the shipped model)")
+    source.add_argument("--preset", default=None, choices=["t2v-7b", "t2i-3b"],
+                        help="a released model, without its weights: STARFlow-V 7B T2V or STARFlow 3B T2I")
+    p.add_argument("--task", default=None, help="t2v, t2i, i2v or v2v (default: the model's)")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--aspect-ratio", default=None)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (0: none)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--jacobi-block-size", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="the weights' dtype (default: as stored)")
+    p.add_argument("--q-bits", type=int, default=None, help="4 or 8: quantized weights")
+    p.add_argument("--q-group-size", type=int, default=None)
+    p.add_argument("--kv-bits", type=int, default=None, help="4 or 8: the deep block's quantized KV cache")
+    p.add_argument("--window", type=int, default=None, help="the deep block's sliding window (latent frames)")
+    p.add_argument("--decode-tile-size", type=int, default=None, help="VAE decode tiles (latent pixels)")
+    p.add_argument("--low-memory", action="store_true", help="load each part only for the stages that need it")
+    p.add_argument("--backend", default=None, help="cpu or gpu (default: this machine's)")
+    _add_memory_limit(p, "choose settings that fit within GB (decimal gigabytes), or refuse")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(func=plan)
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """``starflow-mlx plan``: the stage table and its explanation; with a limit, the fitted plan or the refusal."""
+    from . import hub, memory
+
+    _check_group_size(args)
+    spec = memory.preset(args.preset) if args.preset else memory.from_folder(hub.resolve_model(args.model))
+    settings = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
+                if getattr(args, option, None) is not None}
+    planner = {name: getattr(args, name) for name in ("kv_bits", "window", "decode_tile_size", "q_bits")
+               if getattr(args, name) is not None}
+    task = args.task or spec.pipeline.task
+    limit, _ = _memory_limit(args, default=False)
+    with _options_named():
+        request = memory.request_from_settings(
+            task, settings, num_samples=args.num_samples, dtype=args.dtype, q_group_size=args.q_group_size or 64,
+            low_memory=args.low_memory, backend=args.backend or memory.default_backend(), **planner)
+        fixed = set(planner) | ({"low_memory"} if args.low_memory else set())
+        result = memory.plan(spec, request) if limit is None else memory.fit(spec, request, limit, fixed)
+    description = {**result.to_dict(), "limit_bytes": limit}
+    if args.json:
+        _print(json.dumps(description, indent=2))
+        return description
+    lines = result.explain()
+    if limit is not None:
+        lines.append(f"  fits within the limit of {memory.format_bytes(limit)}")
+    _print("\n".join(lines))
+    return description
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ Generating is a stream of events, a consumer of the sampler's:
   ``progress(event)`` for each event and ``on_frame(event)`` for each ``FramesDecoded``, and raising
   ``Cancelled`` as soon as ``cancel()`` (a callable or a ``threading.Event``) is true.
 
+``pipeline.plan(task, **settings)`` predicts the peak memory of a generation, stage by stage, without allocating
+(``memory.plan``).
+
 Every setting is a field of ``Settings`` (on ``config.Config``: checked on construction, one-line errors naming
 the field); ``Pipeline.settings(**overrides)`` fills those not given from the folder's ``PipelineConfig``.
 Results: ``Generation.frames`` float32 (num_samples, T, H, W, 3) in [-1, 1] (channels last, ready for
@@ -726,6 +729,34 @@ class Pipeline:
             return _read_image(source, size)[None]
         return _read_clip(source, size, settings.frames, settings.fps, from_end=False)
 
+    # ---- memory ----
+    def plan(self, task: str = "t2v", *, backend: str | None = None, given_frames: int | None = None,
+             **overrides) -> "memory.MemoryPlan":
+        """The predicted peak memory of generating with these settings, stage by stage (``memory.plan``), for the
+        weights as loaded (dtype, quantization) and ``self.low_memory`` where the pipeline has it. ``overrides``:
+        ``Settings`` fields, and the planner's own (``kv_bits``, ``kv_group_size``, ``window``,
+        ``decode_tile_size``) where ``Settings`` does not have them yet; ``backend``: "cpu" or "gpu" (default:
+        this machine's). Nothing is allocated."""
+        from . import memory
+        from .weights import compute_dtype
+
+        task = _check_task(task)
+        if task == "t2i":
+            overrides = {"frames": 1, "fps": 0, **overrides}
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        planner_only = {k: v for k, v in overrides.items() if k not in fields and k in memory.SETTING_FIELDS}
+        settings = self.settings(**{k: v for k, v in overrides.items() if k not in planner_only})
+        loaded = {"flow": self.flow, "text": self.text_encoder, "vae": self.vae}
+        dtypes = {part: _dtype_name(compute_dtype(model)) for part, model in loaded.items()}
+        spec = dataclasses.replace(memory.from_folder(self.folder.root), dtypes=dtypes)
+        quantized = self.quantized_at_load or {}
+        request = memory.request_from_settings(
+            task, {**dataclasses.asdict(settings), **planner_only}, given_frames=given_frames,
+            q_bits=quantized.get("bits"), q_group_size=quantized.get("group_size", 64),
+            low_memory=bool(getattr(self, "low_memory", False)), backend=backend or memory.default_backend(),
+        )
+        return memory.plan(spec, request)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -759,6 +790,10 @@ def _check_choice(name: str, value, choices: tuple[int, ...]) -> None:
 
 def _check_cache_limit(value) -> int | None:
     return arguments.integer("cache_limit (bytes)", value, 0, optional=True, maximum=MAX_CACHE_LIMIT)
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32")
 
 
 def _check_task(task) -> str:

@@ -1,0 +1,421 @@
+"""The memory planner (``starflow_mlx.memory``): predicted peaks against measured ones on scaled random-weight
+pipelines, the released models' numbers, ``fit``'s choices in order, refusals before any weight is read,
+``Pipeline.plan`` and ``starflow-mlx plan`` / ``generate --memory-limit``, and every hostile value as one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+
+import pytest
+
+from benchmarks.calibrate_memory import CALIBRATION, TEST, request_of, spec_of
+from starflow_mlx import hub, memory
+from starflow_mlx.cli import main as cli_main
+from starflow_mlx.config import load_official_yaml
+from tests.helpers import refusal, run_bounded
+
+GB = memory.GB
+TOLERANCE = 0.15
+
+
+def cli(*argv) -> int:
+    try:
+        return cli_main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def one_error(caplog, capsys) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    errors += [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: ") and "Traceback" not in caplog.text and "\n" not in errors[0]
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planned against measured, stage by stage
+# ----------------------------------------------------------------------------------------------------------------
+
+PROBE = """
+import json, sys
+from benchmarks.memory_probe import measure
+print(json.dumps(measure(json.loads(sys.argv[1]))))
+"""
+
+
+@pytest.mark.parametrize("name", list(TEST), ids=list(TEST))
+def test_planned_peaks_are_within_15_percent_of_the_measured_ones(name):
+    """Each case in a fresh bounded process (nothing else resident): the peak of every stage the pipeline ran,
+    VAE decode included, against the plan's MLX part."""
+    case = TEST[name]
+    run = run_bounded(PROBE, json.dumps(case), extra_memory=2 << 30, cpu=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout)["peaks"]
+    plan = memory.plan(spec_of(case), request_of(case))
+    assert set(measured) - {"load"} == {s.stage for s in plan.stages}  # the planner knows which stages run
+    for stage in plan.stages:
+        ratio = stage.mlx_peak / measured[stage.stage]
+        assert abs(ratio - 1) <= TOLERANCE, (stage.stage, stage.mlx_peak, measured[stage.stage])
+    decode = plan.stage("decode")
+    # the decode's working set is what these cases measure there, not the resident weights
+    assert dict((t.name, t.bytes) for t in decode.terms)["VAE decode"] > 0.5 * measured["decode"]
+
+
+def test_the_checked_cases_are_not_the_calibration_ones():
+    for name, case in TEST.items():
+        for other in CALIBRATION.values():
+            assert (case["flow"], case["vae"]) != (other["flow"], other["vae"]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The released models (spec §2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_t2v_7b_preset_has_the_released_sizes():
+    spec = memory.preset("t2v-7b")
+    assert spec.flow.parameter_count() == 6_890_096_528
+    assert dataclasses.replace(spec.flow, learnable_self_denoiser=False).parameter_count() == 5_977_211_744
+    assert spec.text.parameter_count() == 1_223_527_424
+    assert spec.vae.parameter_count() == 704_688_668
+    plan = memory.plan(spec, memory.Request(task="t2v", backend="gpu"))
+    s = plan.shape
+    assert (s["frames"], s["height"], s["width"], s["latent_frames"], s["tokens_per_frame"]) == (81, 480, 848, 21, 1590)
+    assert s["deep_slots"] == 33_646 and s["guidance"] == 3.5
+    kv = {t.name: t.bytes for t in plan.stage("sample").terms}["KV cache (deep block)"]
+    assert kv == 24 * 2 * 2 * 64 * 33_646 * 64 * 2  # spec: 26.5 GB in bf16
+    assert s["weights_bytes"]["flow"] == 6_890_096_528 * 2
+
+
+def test_the_t2i_3b_preset_has_the_released_sizes():
+    spec = memory.preset("t2i-3b")
+    assert spec.flow.parameter_count() == 3_858_281_544
+    assert spec.vae.parameter_count() == 83_653_863
+    plan = memory.plan(spec, memory.Request(task="t2i", backend="gpu"))
+    assert (plan.shape["height"], plan.shape["width"], plan.shape["deep_slots"]) == (256, 256, 128 + 1024)
+
+
+@pytest.mark.parametrize("name,released", [("t2v-7b", "starflow-v_7B_t2v_caus_480p"),
+                                           ("t2i-3b", "starflow_3B_t2i_256x256")], ids=["t2v-7b", "t2i-3b"])
+def test_the_presets_are_the_official_yaml_read_by_the_converter(name, released, tmp_path):
+    """The released YAMLs as tests/test_hostile_configs.py holds them (checked there against the official files
+    where the mirror is present), read by ``convert flow``'s reader: every field but the training-only ones."""
+    from tests.test_hostile_configs import RELEASED, _released_yaml
+
+    (tmp_path / "c.yaml").write_text(_released_yaml(RELEASED[released][0]))
+    official = load_official_yaml(tmp_path / "c.yaml")
+    assert dataclasses.replace(memory.preset(name).flow, extra={}) == dataclasses.replace(official, extra={})
+
+
+def test_4_bit_weights_and_kv_cache_bring_the_5_s_clip_under_12_gb_once_frames_stream():
+    """The issue's goal, with frame streaming (the shallow blocks one frame at a time) and decode tiles."""
+    request = memory.Request(task="t2v", q_bits=4, kv_bits=4, low_memory=True, backend="gpu", stream_frames=True,
+                             decode_tile_size=16)
+    plan = memory.plan(memory.preset("t2v-7b"), request)
+    kv = {t.name: t.bytes for t in plan.stage("sample").terms}["KV cache (deep block)"]
+    elements = 24 * 2 * 2 * 64 * 33_646 * 64
+    assert kv == elements // 2 + 2 * (elements // 64) * 2  # 4 bits + a bf16 scale and bias per 64
+    assert plan.peak < 12 * GB and plan.peak_stage == "sample"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Terms respond to the settings that change them, and only those
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _terms(plan, stage):
+    return {t.name: t.bytes for t in plan.stage(stage).terms}
+
+
+def test_each_setting_changes_its_own_terms():
+    spec = memory.preset("t2v-7b")
+    base = memory.Request(task="t2v", backend="gpu")
+    plain = memory.plan(spec, base)
+    kv8 = memory.plan(spec, dataclasses.replace(base, kv_bits=8))
+    assert _terms(kv8, "sample")["KV cache (deep block)"] < 0.6 * _terms(plain, "sample")["KV cache (deep block)"]
+    assert _terms(kv8, "decode") == _terms(plain, "decode")
+    tiled = memory.plan(spec, dataclasses.replace(base, decode_tile_size=16))
+    assert _terms(tiled, "decode")["VAE decode"] < _terms(plain, "decode")["VAE decode"]
+    assert _terms(tiled, "sample") == _terms(plain, "sample")
+    low = memory.plan(spec, dataclasses.replace(base, low_memory=True))
+    assert "T5 weights" not in _terms(low, "sample") and "flow weights" not in _terms(low, "decode")
+    assert "flow weights" in _terms(low, "sample") and "T5 weights" in _terms(low, "text")
+    cpu = memory.plan(spec, dataclasses.replace(base, backend="cpu"))
+    assert _terms(cpu, "score")["activations"] > 10 * _terms(plain, "score")["activations"]  # the scores
+    unguided = memory.plan(spec, dataclasses.replace(base, guidance=0.0))
+    assert 2 * _terms(unguided, "sample")["KV cache (deep block)"] == _terms(plain, "sample")["KV cache (deep block)"]
+    long = memory.plan(spec, dataclasses.replace(base, frames=481))  # 30 s: the window keeps the cache flat
+    assert long.shape["window"] == 21
+    assert _terms(long, "sample")["KV cache (deep block)"] == _terms(plain, "sample")["KV cache (deep block)"]
+
+
+def test_image_and_video_to_video_plan_the_prefix_stage():
+    spec = memory.preset("t2v-7b")
+    i2v = memory.plan(spec, memory.Request(task="i2v", backend="gpu"))
+    assert [s.stage for s in i2v.stages] == ["text", "prefix", "sample", "denoise", "decode", "score"]
+    assert "VAE encode" in _terms(i2v, "prefix")
+    v2v = memory._shape(spec, memory.Request(task="v2v", backend="gpu"))  # default: the longest 1 + 4k <= half
+    assert v2v.given == 10 and memory._shape(spec, memory.Request(task="v2v", given_frames=5, backend="gpu")).given == 2
+    prefill = _terms(memory.plan(spec, memory.Request(task="v2v", backend="cpu")), "prefix")["activations"]
+    assert prefill > _terms(memory.plan(spec, memory.Request(task="i2v", backend="cpu")), "prefix")["activations"]
+
+
+def test_the_deep_block_passes_follow_the_sampler_schedule():
+    spec = memory.preset("t2v-7b")
+    s = memory._shape(spec, memory.Request(task="t2v", frames=9, backend="gpu"))  # 3 latent frames, chunk 32/128
+    passes = memory._deep_passes(s)
+    assert (32, 256 + 32, "chunk of 32 tokens") in passes and max(q for q, _, _ in passes) == 256
+    assert max(k for _, k, _ in passes) == 256 + 3 * 1590
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fit: the order of its choices, and the refusal
+# ----------------------------------------------------------------------------------------------------------------
+
+def _stage_peaks(spec, request, **changes):
+    return {s.stage: s.peak for s in memory.plan(spec, dataclasses.replace(request, **changes)).stages}
+
+
+def test_fit_changes_low_memory_then_tiles_then_the_kv_cache_in_order_while_they_are_needed():
+    spec = memory.preset("t2v-7b")
+    request = memory.Request(task="t2v", q_bits=4, backend="gpu", stream_frames=True)
+    plain, low = _stage_peaks(spec, request), _stage_peaks(spec, request, low_memory=True)
+    tiled32 = _stage_peaks(spec, request, low_memory=True, decode_tile_size=32)
+    tiled16 = _stage_peaks(spec, request, low_memory=True, decode_tile_size=16)
+    kv8 = _stage_peaks(spec, request, low_memory=True, kv_bits=8)
+    kv4 = _stage_peaks(spec, request, low_memory=True, kv_bits=4)
+    assert memory.fit(spec, request, max(plain.values())).changes == ()
+
+    def chosen(limit):
+        return list(memory.fit(spec, request, limit).changes)
+
+    # only low memory: everything else fits once it is on
+    assert chosen(max(low.values()) + 1) == ["low_memory on"]
+    # the decode fits without tiles, the sample needs an 8-bit cache
+    limit = (low["decode"] + low["sample"]) / 2
+    assert low["decode"] < limit < low["sample"] and kv8["sample"] < limit
+    assert chosen(limit) == ["low_memory on", "8-bit KV cache"]
+    # 32-pixel tiles are enough for the decode; the cache still needs 8 bits
+    limit = max(tiled32["decode"], kv8["sample"]) + 1
+    assert limit < low["decode"] and tiled32["decode"] < limit
+    assert chosen(limit) == ["low_memory on", "decode tiles of 32 latent pixels", "8-bit KV cache"]
+    # everything, in order
+    limit = max(tiled16["decode"], kv4["sample"]) + 1
+    assert chosen(limit) == ["low_memory on", "decode tiles of 32 latent pixels", "decode tiles of 16 latent pixels",
+                             "8-bit KV cache", "4-bit KV cache"]
+    final = memory.fit(spec, request, limit)
+    assert final.request == dataclasses.replace(request, low_memory=True, decode_tile_size=16, kv_bits=4)
+    assert final.peak == max(_stage_peaks(spec, final.request).values()) <= limit
+
+
+def test_fit_leaves_what_the_user_fixed():
+    spec = memory.preset("t2v-7b")
+    request = memory.Request(task="t2v", q_bits=4, backend="gpu", kv_bits=8, stream_frames=True)
+    chosen = memory.fit(spec, request, 25 * GB, fixed={"low_memory", "kv_bits"})
+    assert not chosen.request.low_memory and chosen.request.kv_bits == 8
+    assert chosen.changes == ("decode tiles of 32 latent pixels",)
+
+
+def test_fit_refuses_with_the_numbers_in_one_line():
+    spec = memory.preset("t2v-7b")
+    request = memory.Request(task="t2v", backend="gpu")
+    last = memory.plan(spec, dataclasses.replace(request, low_memory=True, decode_tile_size=16, kv_bits=4))
+    message = refusal(lambda: memory.fit(spec, request, 4 * GB), memory.MemoryLimitError)
+    assert "\n" not in message
+    assert f"predicted peak {memory.format_bytes(last.peak)} in {last.peak_stage}" in message
+    assert "memory limit 4.000 GB" in message
+    assert "tried: low_memory on, decode tiles of 32 latent pixels, decode tiles of 16 latent pixels, " \
+           "8-bit KV cache, 4-bit KV cache" in message
+    fixed = refusal(lambda: memory.fit(spec, request, 4 * GB, fixed={"low_memory", "kv_bits", "decode_tile_size"}),
+                    memory.MemoryLimitError)
+    assert "tried: nothing (every setting was fixed)" in fixed
+
+
+def test_planning_a_folder_reads_no_weight(tmp_path):
+    """Weight files replaced by garbage: the plan (and the refusal) come from the config files alone."""
+    folder = tmp_path / "model"
+    shutil.copytree(hub.default_model(), folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    spec = memory.from_folder(folder)
+    plan = memory.plan(spec, memory.Request(task="t2v", backend="cpu"))
+    assert plan.peak > 0 and plan.shape["latent_frames"] == 5
+    with pytest.raises(memory.MemoryLimitError):
+        memory.fit(spec, memory.Request(task="t2v", backend="cpu"), 1000)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline.plan, starflow-mlx plan, generate --memory-limit
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_pipeline_plan_is_the_planner_on_the_loaded_weights():
+    from starflow_mlx.pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(dtype="float32")
+    plan = pipeline.plan("t2v", backend="cpu", guidance=0.0)
+    expected = memory.plan(
+        dataclasses.replace(memory.from_folder(hub.default_model()),
+                            dtypes={"flow": "float32", "text": "float32", "vae": "float32"}),
+        memory.Request(task="t2v", guidance=0.0, backend="cpu"))
+    assert (plan.stages, plan.shape) == (expected.stages, expected.shape)
+    assert (plan.request.frames, plan.request.guidance, plan.request.jacobi_block_size) == (17, 0.0, 16)
+    assert pipeline.plan("t2v", decode_tile_size=2, backend="cpu").request.decode_tile_size == 2
+    pipeline.low_memory = True
+    assert "flow weights" not in _terms(pipeline.plan("t2v", backend="cpu"), "decode")
+    assert "unknown setting 'colour'" in refusal(lambda: pipeline.plan("t2v", colour=1))
+
+
+def test_plan_command_prints_the_stage_table(capsys):
+    assert cli("plan", "--preset", "t2v-7b", "--backend", "gpu", "--q-bits", "4", "--kv-bits", "4") == 0
+    out = capsys.readouterr().out
+    assert "STARFlow-V 7B T2V: t2v, 81 frame(s) 480x848, guidance 3.5" in out
+    assert "KV cache (deep block)" in out and "4-bit (group 64)" in out and "  peak " in out
+    assert cli("plan", "--preset", "t2i-3b", "--backend", "cpu", "--json") == 0
+    description = json.loads(capsys.readouterr().out)
+    assert description["shape"]["deep_slots"] == 1152 and description["limit_bytes"] is None
+    assert set(description["stages"]) == {"text", "sample", "denoise", "decode", "score"}
+
+
+def test_plan_command_with_a_limit_prints_the_fitted_plan(capsys):
+    spec = memory.preset("t2v-7b")
+    request = memory.Request(task="t2v", backend="gpu")
+    low = memory.plan(spec, dataclasses.replace(request, low_memory=True)).peak
+    assert cli("plan", "--preset", "t2v-7b", "--backend", "gpu", "--memory-limit", f"{low / GB + 0.01:.2f}") == 0
+    out = capsys.readouterr().out
+    assert "changed: low_memory on" in out and "fits within the limit" in out
+
+
+def test_generate_refuses_an_over_limit_plan_before_loading(tmp_path, monkeypatch, caplog, capsys):
+    from starflow_mlx.pipeline import Pipeline
+
+    loads = []
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    out = tmp_path / "clip.mp4"
+    assert cli("generate", "a red square", "--out", out, "--memory-limit", "0.001") == 2
+    message = one_error(caplog, capsys)
+    assert "exceeds the memory limit 1.00 MB" in message and "tried: low_memory on" in message
+    assert loads == [] and not out.exists()
+
+
+def test_generate_logs_its_plan_and_bounds_the_buffer_cache(tmp_path, monkeypatch, caplog):
+    from starflow_mlx.pipeline import Pipeline
+
+    loaded = []
+    original = Pipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(original(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(spy))
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "image.png"
+    assert cli("generate", "a red square", "--out", out, "--frames", "1", "--memory-limit", "4") == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan"))
+    plan = memory.plan(memory.from_folder(hub.default_model()),
+                       memory.Request(task="t2i", frames=1, backend=memory.default_backend()))
+    assert line == f"memory plan: peak {memory.format_bytes(plan.peak)} in {plan.peak_stage}, limit 4.000 GB " \
+                   "(--memory-limit)"
+    assert loaded[0].cache_limit == 4 * 10**9 - plan.peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile values
+# ----------------------------------------------------------------------------------------------------------------
+
+BAD_PLAN = {
+    "limit-nan": (["--memory-limit", "nan"], "--memory-limit must be a finite number"),
+    "limit-inf": (["--memory-limit", "inf"], "--memory-limit must be a finite number"),
+    "limit-zero": (["--memory-limit", "0"], "--memory-limit must be > 0"),
+    "limit-negative": (["--memory-limit", "-2"], "--memory-limit must be > 0"),
+    "limit-huge": (["--memory-limit", "1e30"], "--memory-limit must be at most"),
+    "limit-text": (["--memory-limit", "lots"], "--memory-limit"),
+    "frames-zero": (["--frames", "0"], "--frames must be"),
+    "frames-not-1-plus-4k": (["--frames", "10"], "frames 10 cannot be decoded"),
+    "kv-bits-3": (["--kv-bits", "3"], "--kv-bits must be one of 4, 8"),
+    "q-bits-5": (["--q-bits", "5"], "--q-bits must be one of 4, 8"),
+    "group-without-bits": (["--q-group-size", "32"], "--q-group-size applies to quantizing at load: pass --q-bits 4 or 8 with it"),
+    "group-48": (["--q-bits", "4", "--q-group-size", "48"], "--q-group-size must be one of 32, 64, 128, got 48"),
+    "samples-zero": (["--num-samples", "0"], "--num-samples must be"),
+    "backend-tpu": (["--backend", "tpu"], "--backend must be one of 'cpu', 'gpu', got 'tpu'"),
+    "task-unknown": (["--task", "x2y"], "--task must be one of 't2v', 't2i', 'i2v', 'v2v', got 'x2y'"),
+    "image-model-video-task": (["--preset", "t2i-3b", "--task", "t2v"], "task t2v needs a video model"),
+    "aspect-ratio": (["--aspect-ratio", "7:3"], "--aspect-ratio must be one of"),
+    "untrained-aspect-ratio": (["--preset", "t2i-3b", "--task", "t2i", "--aspect-ratio", "16:9"],
+                               "aspect_ratio '16:9' is not one this model was trained for"),
+    "window-zero": (["--window", "0"], "--window must be"),
+    "tile-zero": (["--decode-tile-size", "0"], "--decode-tile-size must be"),
+    "cfg-negative": (["--cfg", "-1"], "--cfg must be a finite number in [0, 100], got -1"),
+    "preset-unknown": (["--preset", "t2v-70b"], "--preset"),
+    "preset-and-model": (["--preset", "t2v-7b", "--model", "x"], "not allowed with argument"),
+    "missing-model": (["--model", "/nowhere/model"], "/nowhere/model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLAN), ids=list(BAD_PLAN))
+def test_bad_plan_input_is_one_line_exit_2(case, caplog, capsys):
+    argv, named = BAD_PLAN[case]
+    if not any(a in ("--preset", "--model") for a in argv):
+        argv = ["--preset", "t2v-7b", *argv]
+    code = cli("plan", "--backend", "gpu", *argv) if "--backend" not in argv else cli("plan", *argv)
+    assert code == 2
+    assert named in one_error(caplog, capsys)
+
+
+BAD_GENERATE_LIMIT = {
+    "limit-nan": ("nan", "--memory-limit must be a finite number"),
+    "limit-negative": ("-1", "--memory-limit must be > 0"),
+    "limit-text": ("plenty", "--memory-limit"),
+    "limit-too-small": ("0.0001", "exceeds the memory limit 0.10 MB"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE_LIMIT), ids=list(BAD_GENERATE_LIMIT))
+def test_bad_generate_memory_limit_is_one_line_exit_2_and_nothing_loaded(case, tmp_path, monkeypatch, caplog, capsys):
+    from starflow_mlx.pipeline import Pipeline
+
+    loads = []
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    value, named = BAD_GENERATE_LIMIT[case]
+    out = tmp_path / "clip.mp4"
+    assert cli("generate", "a red square", "--out", out, f"--memory-limit={value}") == 2
+    assert named in one_error(caplog, capsys)
+    assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+BAD_LIBRARY = {
+    "limit-string": (lambda spec: memory.fit(spec, memory.Request(), "1GB"), "memory limit must be a positive"),
+    "limit-bool": (lambda spec: memory.fit(spec, memory.Request(), True), "memory limit must be a positive"),
+    "limit-nan": (lambda spec: memory.fit(spec, memory.Request(), float("nan")), "memory limit must be a positive"),
+    "request-kv-bits": (lambda spec: memory.Request(kv_bits=2), "Request.kv_bits must be one of 4, 8"),
+    "request-group": (lambda spec: memory.Request(kv_group_size=48), "Request.kv_group_size must be one of"),
+    "request-dtype": (lambda spec: memory.Request(dtype="float64"), "Request.dtype must be one of"),
+    "request-not-a-request": (lambda spec: memory.plan(spec, {"task": "t2v"}), "request must be a memory.Request"),
+    "preset-unknown": (lambda spec: memory.preset("huge"), "preset must be one of t2v-7b, t2i-3b"),
+    "v2v-given-all": (lambda spec: memory.plan(spec, memory.Request(task="v2v", frames=9, given_frames=9)),
+                      "given_frames 9 must be fewer than frames 9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LIBRARY), ids=list(BAD_LIBRARY))
+def test_bad_library_input_is_a_one_line_value_error(case):
+    make, words = BAD_LIBRARY[case]
+    message = refusal(lambda: make(memory.preset("t2v-7b")))
+    assert words in message and "\n" not in message
+
+
+def test_a_folder_with_a_bad_part_config_is_refused_naming_the_file(tmp_path):
+    from starflow_mlx.checkpoint import CheckpointError
+
+    folder = tmp_path / "model"
+    shutil.copytree(hub.default_model(), folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config["z_dim"] = -3
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    message = refusal(lambda: memory.from_folder(folder), CheckpointError)
+    assert "vae/config.json" in message and "z_dim" in message
