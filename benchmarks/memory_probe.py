@@ -4,13 +4,13 @@ Run as ``python -m benchmarks.memory_probe '<json case>'`` in a fresh process (n
 one JSON object: the bytes active after loading (``loaded``) and the peak of each stage (``mx.reset_peak_memory``
 at ``StageStarted``, ``mx.get_peak_memory`` at ``StageFinished``; ``sample`` ends at the sampler's ``Sampled``,
 and ``score`` is the rest of the pipeline's sample stage, the record's scoring forward; ``decode`` is left out when
-every frame was decoded inside the sample stage). ``tests/test_memory.py`` and ``benchmarks/calibrate_memory.py`` compare them with
-``starflow_mlx.memory``'s plan of the same case.
+every frame was decoded inside the sample stage). ``tests/test_memory.py`` and ``benchmarks/calibrate_memory.py``
+compare them with ``starflow_mlx.memory``'s plan of the same case.
 
 A case: ``{"flow": {FlowConfig fields}, "vae": {WanVAEConfig or SDVAEConfig fields}, "task": "t2v"|"t2i",
 "dtype": "float32"|..., "settings": {Settings fields}, "pipeline": {from_pretrained arguments: low_memory,
-q_bits}}``; the text encoder and tokenizer are the shipped model's
-(64-wide), so ``flow.txt_dim`` is 64 and the flow's ``in_channels`` the VAE's latent channels.
+q_bits}}``; the text encoder and tokenizer are the shipped model's (64-wide), so ``flow.txt_dim`` is 64 and the
+flow's ``in_channels`` the VAE's latent channels.
 """
 
 from __future__ import annotations

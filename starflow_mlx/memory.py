@@ -15,10 +15,10 @@ The stages are the pipeline's (``text``, ``prefix`` for i2v/v2v, ``sample``, ``d
 ``score``, the record's bits/dim forward at the end of the pipeline's sample stage. When frames stream
 (``Request.stream_frames``, the pipeline's default for a video flow whose shallow blocks work within frames), each
 frame is denoised and decoded inside ``sample``, beside the deep block's KV cache, and there is no ``decode``
-stage; otherwise they are denoised and decoded after sampling. A model is a ``ModelSpec``: from a pipeline folder (``from_folder``: its
-config files only) or a named preset of a released model (``PRESETS``: STARFlow-V 7B T2V, STARFlow 3B T2I) whose
-weights need not be here. ``fit(model, request, limit)`` changes what the user left open until the plan fits, or
-raises ``MemoryLimitError`` with the numbers.
+stage; otherwise they are denoised and decoded after sampling. A model is a ``ModelSpec``: from a pipeline
+folder (``from_folder``: its config files only) or a named preset of a released model (``PRESETS``: STARFlow-V
+7B T2V, STARFlow 3B T2I) whose weights need not be here. ``fit(model, request, limit)`` changes what the user
+left open until the plan fits, or raises ``MemoryLimitError`` with the numbers.
 
 The planner predicts MLX's *active* memory (what ``mx.get_peak_memory`` reports) plus the decoded frames held in
 host (numpy) memory; MLX's buffer cache comes on top unless bounded (``cache_limit(plan, limit)``: the headroom).
@@ -889,8 +889,8 @@ def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset
     """The plan of ``request`` that fits ``limit`` bytes, changing in order only the fields not in ``fixed``:
     ``low_memory`` on (results unchanged), ``stream_frames`` off (frames denoised and decoded after sampling, when
     the deep block's KV cache is gone; results unchanged), VAE decode tiles (the seams change slightly), an 8-bit
-    then a 4-bit KV cache; a change is made only while a stage it lowers is over the limit. Raises ``MemoryLimitError`` with the
-    numbers when nothing fits; reads no weight."""
+    then a 4-bit KV cache; a change is made only while a stage it lowers is over the limit. Raises
+    ``MemoryLimitError`` with the numbers when nothing fits; reads no weight."""
     limit = _check_limit(limit)
     current = plan(model, request)
     tried = []

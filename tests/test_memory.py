@@ -410,7 +410,8 @@ def test_generate_applies_the_memory_options_and_records_the_plan(tmp_path, monk
         backend=memory.default_backend()))
     assert record["memory"] == {"predicted_peak": plan.peak, "peak_stage": plan.peak_stage, "limit": 8 * 10**9,
                                 "changes": [], "backend": memory.default_backend()}
-    assert any(r.getMessage().startswith("memory settings: low_memory True, stream_frames False") for r in caplog.records)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("memory settings: low_memory True, stream_frames False") for line in logged)
     capsys.readouterr()
     assert cli("info", out) == 0
     assert f"memory: predicted peak {memory.format_bytes(plan.peak)} in {plan.peak_stage}, limit 8.000 GB; " \
