@@ -526,6 +526,29 @@ def test_bad_generate_memory_option_is_one_line_exit_2_and_nothing_loaded(case, 
     assert loads == [] and list(tmp_path.iterdir()) == []
 
 
+HOSTILE_MEMORY_ENTRIES = {
+    "peak-text": ({"predicted_peak": "lots", "peak_stage": "sample", "limit": 10**9, "changes": []},
+                  'memory: predicted peak lots in sample, limit 1.000 GB; changed: nothing'),
+    "peak-negative": ({"predicted_peak": -5, "limit": True, "changes": "low_memory on"},
+                      "memory: predicted peak -5 in null, limit true; changed: nothing"),
+    "stage-escape": ({"predicted_peak": 2 * 10**7, "peak_stage": "x\n\x1b[2Jy", "changes": ["a\nb"]},
+                     "memory: predicted peak 0.020 GB in x\\n\\x1b[2Jy, limit null; changed: a\\nb"),
+    "peak-huge": ({"predicted_peak": 10**30, "changes": [1]}, "memory: predicted peak 1" + "0" * 30 + " in null"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MEMORY_ENTRIES), ids=list(HOSTILE_MEMORY_ENTRIES))
+def test_info_shows_a_hostile_memory_entry_in_one_escaped_line(case, tmp_path, capsys):
+    from starflow_mlx import media
+
+    entry, line = HOSTILE_MEMORY_ENTRIES[case]
+    sidecar = tmp_path / "clip.json"
+    sidecar.write_text(json.dumps({media.METADATA_KEY: {"task": "t2v", "memory": entry}}))
+    assert cli("info", sidecar) == 0
+    shown = [row for row in capsys.readouterr().out.splitlines() if row.startswith("memory:")]
+    assert len(shown) == 1 and shown[0].startswith(line) and "\x1b" not in shown[0]
+
+
 BAD_LIBRARY = {
     "limit-string": (lambda spec: memory.fit(spec, memory.Request(), "1GB"), "memory limit must be a positive"),
     "limit-bool": (lambda spec: memory.fit(spec, memory.Request(), True), "memory limit must be a positive"),
