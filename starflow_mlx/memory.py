@@ -190,7 +190,8 @@ def preset(name: str) -> ModelSpec:
 class Request(Config):
     """One generation to plan; None takes the pipeline folder's default (``PipelineConfig``) or the pipeline's own
     rule. ``dtype``: the weights' dtype after loading (None: as stored); ``q_bits``: quantize the flow's and
-    T5's Linear layers at load; ``kv_bits``: the deep block's quantized KV cache; ``window``: the deep block's
+    T5's Linear layers at load; ``kv_bits``: the deep block's quantized KV cache, in groups of ``kv_group_size``
+    (None: 64, or 32 where 64 does not divide head_dim, as ``StarFlow.kv_group_size``); ``window``: the deep block's
     sliding window (latent frames); ``decode_tile_size``: VAE decode tiles (latent pixels); ``low_memory``: load
     each part for the stages that need it; ``backend``: "cpu" or "gpu"; ``stream_frames`` (``Settings``): frames
     denoised and decoded inside the sample stage, beside the deep block's KV cache (False: after sampling).
