@@ -7,9 +7,10 @@ Prints Markdown tables (the "Memory" section of BENCHMARKS.md):
 1. STARFlow-V 7B T2V (480p 16:9, guidance 3.5: 5 s = 81 frames, 10 s = 161, 30 s = 481 at 16 fps) and STARFlow
    3B T2I (256x256, guidance 3.6) at 16/8/4-bit weights and float/8/4-bit KV cache, on the "gpu" backend: the
    predicted peak, its stage, and the smallest of 16/24/32/64 GB Macs whose recommended working set (Metal's
-   ``max_recommended_working_set_size``, about 75% of RAM) holds it. Two settings: everything resident (today's
-   defaults), and the low-memory plan (each part loaded for its stages, VAE decode in 16-latent-pixel tiles,
-   frames streamed: the shallow blocks one frame at a time, as the pipeline does once frames stream).
+   ``max_recommended_working_set_size``, about 75% of RAM) holds it. Three settings: everything resident (the
+   pipeline's defaults: frames streamed, no tiles), and the low-memory plan (each part loaded for its stages, VAE
+   decode in 16-latent-pixel tiles) with frames streamed (denoised and decoded beside the deep block's KV cache)
+   and not streamed (after sampling).
 2. The planner on ``bench_pipeline.py``'s configuration against the peaks the "Pipeline" section measured.
 3. With ``--measure``: the planner against the measured peak (``mx.get_peak_memory``) on scaled random-weight
    pipelines on this CPU (``benchmarks/calibrate_memory.py``'s cases), stage by stage.
@@ -35,7 +36,13 @@ WORKING_SET_SHARE = 0.75  # Metal's recommended working set is about 75% of a Ma
 CLIPS = {"5 s": 81, "10 s": 161, "30 s": 481}
 WEIGHTS = {"16-bit": None, "8-bit": 8, "4-bit": 4}
 CACHES = {"float KV": None, "8-bit KV": 8, "4-bit KV": 4}
-LOW_MEMORY = {"low_memory": True, "decode_tile_size": 16, "stream_frames": True}
+SETUPS = {
+    "everything resident, frames streamed, no tiles": {},
+    "low memory, 16-pixel decode tiles, frames streamed": {"low_memory": True, "decode_tile_size": 16},
+    "low memory, 16-pixel decode tiles, frames after sampling": {"low_memory": True, "decode_tile_size": 16,
+                                                                  "stream_frames": False},
+}
+GOAL = {"low_memory": True, "decode_tile_size": 16, "stream_frames": False}
 
 
 def smallest_mac(peak: int) -> str:
@@ -49,7 +56,7 @@ def cell(plan: memory.MemoryPlan) -> str:
     return f"{plan.peak / memory.GB:.1f} GB ({plan.peak_stage}) → {smallest_mac(plan.peak)}"
 
 
-def released_table(name: str, task: str, rows: dict, low: bool) -> list[str]:
+def released_table(name: str, task: str, rows: dict, setup: dict) -> list[str]:
     spec = memory.preset(name)
     lines = [f"| {'clip, ' if task == 't2v' else ''}weights | " + " | ".join(CACHES) + " |",
              "|---|" + "---|" * len(CACHES)]
@@ -58,7 +65,7 @@ def released_table(name: str, task: str, rows: dict, low: bool) -> list[str]:
             cells = []
             for kv_bits in CACHES.values():
                 request = memory.Request(task=task, frames=frames, q_bits=q_bits, kv_bits=kv_bits, backend="gpu",
-                                         **(LOW_MEMORY if low else {}))
+                                         **setup)
                 cells.append(cell(memory.plan(spec, request)))
             label = f"{row}, {weights}" if task == "t2v" else weights
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -66,8 +73,8 @@ def released_table(name: str, task: str, rows: dict, low: bool) -> list[str]:
 
 
 def goal_plan() -> list[str]:
-    """The issue's goal: 7B T2V, 5 s 480p with guidance, 4-bit weights and 4-bit KV."""
-    request = memory.Request(task="t2v", q_bits=4, kv_bits=4, backend="gpu", **LOW_MEMORY)
+    """The issue's goal: 7B T2V, 5 s 480p with guidance, 4-bit weights and 4-bit KV, its lowest plan."""
+    request = memory.Request(task="t2v", q_bits=4, kv_bits=4, backend="gpu", **GOAL)
     return ["```", *memory.plan(memory.preset("t2v-7b"), request).explain(), "```"]
 
 
@@ -106,10 +113,11 @@ def pipeline_section_check() -> list[str]:
     spec = memory.ModelSpec("bench_pipeline", PipelineConfig.for_flow(flow), flow, text,
                             WanVAEConfig(base_dim=16, decoder_base_dim=24),
                             {"flow": "float32", "text": "float32", "vae": "float32"})
-    plan = memory.plan(spec, memory.Request(task="t2v", frames=17, backend="cpu"))
+    # that section was measured before frames streamed: frames after sampling, scoring in its sample stage
+    plan = memory.plan(spec, memory.Request(task="t2v", frames=17, backend="cpu", stream_frames=False))
     lines = ["| stage | measured MiB | planned MiB | error |", "|---|---|---|---|"]
     for stage, measured in PIPELINE_SECTION_MIB.items():
-        planned = plan.stage(stage).mlx_peak / 2**20
+        planned = max(plan.stage(s).mlx_peak for s in ((stage, "score") if stage == "sample" else (stage,))) / 2**20
         lines.append(f"| {stage} | {measured} | {planned:.0f} | {100 * (planned / measured - 1):+.1f}% |")
     return lines
 
@@ -119,13 +127,14 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", action="store_true", help="also measure the scaled cases on this CPU")
     args = parser.parse_args(argv)
     out = []
-    for low in (False, True):
-        title = "low memory, 16-pixel decode tiles, frames streamed" if low else "everything resident, no tiles"
+    for title, setup in SETUPS.items():
         out += [f"**STARFlow-V 7B T2V, 480p 16:9, guidance 3.5 ({title})**", ""]
-        out += released_table("t2v-7b", "t2v", CLIPS, low) + [""]
-        out += [f"**STARFlow 3B T2I, 256x256, guidance 3.6 ({title})**", ""]
-        out += released_table("t2i-3b", "t2i", {"image": 1}, low) + [""]
-    out += ["**The issue's goal: 7B T2V, 5 s, 4-bit weights, 4-bit KV cache (low-memory plan)**", ""]
+        out += released_table("t2v-7b", "t2v", CLIPS, setup) + [""]
+        if "stream_frames" not in setup:  # an image never streams
+            out += [f"**STARFlow 3B T2I, 256x256, guidance 3.6 ({title.replace(', frames streamed', '')})**", ""]
+            out += released_table("t2i-3b", "t2i", {"image": 1}, setup) + [""]
+    out += ["**The issue's goal: 7B T2V, 5 s, 4-bit weights, 4-bit KV cache (low memory, 16-pixel tiles, frames "
+            "after sampling)**", ""]
     out += goal_plan() + [""]
     out += ["**Planned vs the \"Pipeline\" section's measured peaks** (bench_pipeline.py's configuration)", ""]
     out += pipeline_section_check() + [""]

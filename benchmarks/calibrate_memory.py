@@ -1,14 +1,14 @@
 """Calibrate and check the memory planner (``starflow_mlx.memory``) against measured peaks on this CPU.
 
-    python benchmarks/calibrate_memory.py [--cases calibration|test] [--json OUT]
+    python benchmarks/calibrate_memory.py [--cases calibration|test] [--fit] [--json OUT]
 
 Each case (a scaled random-weight pipeline, ``benchmarks.memory_probe``) runs in a fresh subprocess; the table
 gives, per stage, the measured MLX peak, the planned one (``StagePlan.mlx_peak``: host-side numpy frames are not
-in MLX's counters) and their ratio. The CPU constants of ``memory.py`` (``CPU_SCORE_COPIES``, ``MLP_COPIES``,
-``CONV_UNFOLD_COPIES``, ``GRAD_SAVED_WIDTHS``) were chosen from the ``calibration`` cases' table (each case
-makes one term dominate one stage: attention scores, the MLP, the VAE convolutions, the gradient step);
-``tests/test_memory.py`` checks the planner on the ``test`` cases, which differ in every size. After the pipeline
-changes (frame streaming, per-stage loading), re-run it and update the constants.
+in MLX's counters) and their ratio. The CPU constants of ``memory.py`` (``CONSTANTS``) are fitted (``--fit``) on
+the ``calibration`` cases (each makes one term dominate one stage: attention scores, quantized-KV scores, the MLP,
+the VAE convolutions, the gradient step); ``tests/test_memory.py`` checks the planner on the ``test`` cases, which
+differ in every size and cover every way the pipeline runs. After the pipeline changes, re-run it with ``--fit``
+and paste the constants.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from starflow_mlx.config import PipelineConfig  # noqa: E402
 from starflow_mlx.t5 import T5Config  # noqa: E402
 from starflow_mlx.weights import read_config  # noqa: E402
 
-STAGE_ORDER = ("text", "prefix", "sample", "denoise", "decode", "score")
+STAGE_ORDER = memory.STAGES
 Z16 = {"z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
 WAN_SMALL = {"base_dim": 16, "decoder_base_dim": 32, "dim_mult": [1, 2, 2, 2], **Z16}
 VIDEO_FLOW = {
@@ -45,26 +45,39 @@ IMAGE_FLOW = {
 }
 SD_SMALL = {"block_out_channels": [32, 64, 64], "norm_num_groups": 8}
 
-# Calibration: each makes one term dominate a stage.
+# Calibration: each makes one term dominate a stage (frames after sampling where it is the flow's term).
 CALIBRATION = {
     "video-scores": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 12}, "vae": WAN_SMALL,
-                     "settings": {"frames": 17, "guidance": 3.0, "jacobi_block_size": 64}},
+                     "settings": {"frames": 17, "guidance": 3.0, "jacobi_block_size": 64, "stream_frames": False}},
     "video-mlp": {"task": "t2v", "flow": {**VIDEO_FLOW, "channels": 256, "top_block_channels": 512, "head_dim": 64},
-                  "vae": {**WAN_SMALL, "decoder_base_dim": 16}, "settings": {"frames": 9, "guidance": 0.0}},
+                  "vae": {**WAN_SMALL, "decoder_base_dim": 16},
+                  "settings": {"frames": 9, "guidance": 0.0, "stream_frames": False}},
     "image-gradient": {"task": "t2i", "flow": IMAGE_FLOW, "vae": SD_SMALL, "settings": {"guidance": 2.0}},
-    "video-vae-wide": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 6}, "vae": {**WAN_SMALL, "decoder_base_dim": 48},
+    "video-vae-wide": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 6},
+                       "vae": {**WAN_SMALL, "decoder_base_dim": 48},
                        "settings": {"frames": 9, "guidance": 1.0}},
     "video-vae-deep": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 6},
                        "vae": {**WAN_SMALL, "dim_mult": [1, 2, 4, 4]}, "settings": {"frames": 9, "guidance": 1.0}},
+    "video-kv4-after": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 14, "top_block_channels": 192},
+                        "vae": {**WAN_SMALL, "decoder_base_dim": 16},
+                        "settings": {"frames": 13, "guidance": 2.0, "kv_bits": 4, "jacobi_block_size": 196,
+                                     "stream_frames": False}},
 }
-# Checked by tests/test_memory.py: sizes that none of the calibration cases has.
+# Checked by tests/test_memory.py: sizes that none of the calibration cases has, and every way the pipeline runs:
+# frames streamed (the default) or not, low memory, a quantized KV cache, an image, a long clip through the window.
+GUIDED = {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 8, "channels": 192, "top_block_channels": 384},
+          "vae": {**WAN_SMALL, "decoder_base_dim": 24}, "settings": {"frames": 9, "guidance": 2.5}}
 TEST = {
-    "video-guided": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 10, "channels": 192, "top_block_channels": 384},
-                     "vae": {**WAN_SMALL, "decoder_base_dim": 24}, "settings": {"frames": 9, "guidance": 2.5}},
+    "video-streamed": GUIDED,
+    "video-not-streamed": {**GUIDED, "settings": {**GUIDED["settings"], "stream_frames": False}},
+    "video-low-memory": {**GUIDED, "pipeline": {"low_memory": True}},
+    "video-kv8": {**GUIDED, "settings": {**GUIDED["settings"], "kv_bits": 8, "jacobi_block_size": 128,
+                                         "stream_frames": False}},
     "image": {"task": "t2i", "flow": {**IMAGE_FLOW, "img_size": 12, "channels": 192, "layers_per_block": [2, 2]},
               "vae": {**SD_SMALL, "block_out_channels": [48, 96, 96], "norm_num_groups": 16},
               "settings": {"guidance": 3.0}},
-    "video-long-window": {"task": "t2v", "flow": {**VIDEO_FLOW, "img_size": 6, "local_attn_window": 4, "denoiser_window": 2},
+    "video-long-window": {"task": "t2v",
+                          "flow": {**VIDEO_FLOW, "img_size": 6, "local_attn_window": 4, "denoiser_window": 2},
                           "vae": {**WAN_SMALL, "decoder_base_dim": 16},
                           "settings": {"frames": 33, "guidance": 1.5, "context_length": 2}},
 }
@@ -81,9 +94,9 @@ def spec_of(case: dict) -> memory.ModelSpec:
 
 
 def request_of(case: dict, backend: str = "cpu") -> memory.Request:
-    settings = case.get("settings", {})
-    keys = {f for f in memory.Request.__dataclass_fields__} & set(settings)
-    return memory.Request(task=case["task"], backend=backend, **{k: settings[k] for k in keys})
+    """The planner's request for a probe case: its settings and its pipeline's (low_memory, q_bits)."""
+    return memory.request_from_settings(case["task"], case.get("settings", {}), backend=backend,
+                                        **case.get("pipeline", {}))
 
 
 def measure(case: dict, timeout: float = 120) -> dict:
@@ -106,7 +119,8 @@ def compare(case: dict, measured: dict) -> list[tuple[str, int, int]]:
     return rows
 
 
-CONSTANTS = ("CPU_SCORE_COPIES", "MLP_COPIES", "CONV_UNFOLD_COPIES", "GRAD_SAVED_WIDTHS", "GRAD_SAVED_SCORES")
+CONSTANTS = ("CPU_SCORE_COPIES", "QUANT_SCORE_COPIES", "MLP_COPIES", "CONV_UNFOLD_COPIES", "GRAD_SAVED_WIDTHS",
+             "GRAD_SAVED_SCORES")
 
 
 def planned(case: dict, stage: str, constants: dict) -> int:

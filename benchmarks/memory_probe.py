@@ -2,13 +2,15 @@
 
 Run as ``python -m benchmarks.memory_probe '<json case>'`` in a fresh process (nothing else resident), it prints
 one JSON object: the bytes active after loading (``loaded``) and the peak of each stage (``mx.reset_peak_memory``
-at ``StageStarted``, ``mx.get_peak_memory`` at ``StageFinished``; ``score``: from the end of decode to the result,
-the record's scoring forward). ``tests/test_memory.py`` and ``benchmarks/calibrate_memory.py`` compare them with
-``starflow_mlx.memory``'s plan of the same case.
+at ``StageStarted``, ``mx.get_peak_memory`` at ``StageFinished``; ``sample`` ends at the sampler's ``Sampled``,
+and ``score`` is the rest of the pipeline's sample stage, the record's scoring forward; ``decode`` is left out when
+every frame was decoded inside the sample stage). ``tests/test_memory.py`` and ``benchmarks/calibrate_memory.py``
+compare them with ``starflow_mlx.memory``'s plan of the same case.
 
 A case: ``{"flow": {FlowConfig fields}, "vae": {WanVAEConfig or SDVAEConfig fields}, "task": "t2v"|"t2i",
-"dtype": "float32"|..., "settings": {Settings fields}}``; the text encoder and tokenizer are the shipped model's
-(64-wide), so ``flow.txt_dim`` is 64 and the flow's ``in_channels`` the VAE's latent channels.
+"dtype": "float32"|..., "settings": {Settings fields}, "pipeline": {from_pretrained arguments: low_memory,
+q_bits}}``; the text encoder and tokenizer are the shipped model's (64-wide), so ``flow.txt_dim`` is 64 and the
+flow's ``in_channels`` the VAE's latent channels.
 """
 
 from __future__ import annotations
@@ -70,25 +72,27 @@ def build_folder(case: dict, root: Path) -> Path:
 
 
 def measure(case: dict) -> dict:
-    from starflow_mlx.pipeline import Generated, Pipeline, StageFinished, StageStarted
+    from starflow_mlx.pipeline import Pipeline, StageFinished, StageStarted
+    from starflow_mlx.sampler import Sampled
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(case, Path(tmp))
         mx.clear_cache()
         mx.reset_peak_memory()
-        pipeline = Pipeline.from_pretrained(folder)
+        pipeline = Pipeline.from_pretrained(folder, **case.get("pipeline", {}))
         loaded = mx.get_active_memory()
         peaks = {"load": mx.get_peak_memory()}
         task = case["task"]
         for event in pipeline.stream("a red square moving right", task=task, **case.get("settings", {})):
             if isinstance(event, StageStarted):
                 mx.reset_peak_memory()
+            elif isinstance(event, Sampled):  # the rest of the sample stage is the record's scoring forward
+                peaks["sample"] = mx.get_peak_memory()
+                mx.reset_peak_memory()
             elif isinstance(event, StageFinished):
-                peaks[event.stage] = mx.get_peak_memory()
-                if event.stage == "decode":
-                    mx.reset_peak_memory()
-            elif isinstance(event, Generated):
-                peaks["score"] = mx.get_peak_memory()
+                peaks["score" if event.stage == "sample" else event.stage] = mx.get_peak_memory()
+        if not peaks.get("decode"):  # every frame was decoded while sampling: nothing left to decode
+            peaks.pop("decode", None)
         return {"loaded": loaded, "peaks": peaks, "folder_free": True}
 
 

@@ -119,7 +119,8 @@ SETTING_OPTIONS = {
     "jacobi_block_size": "jacobi_block_size", "jacobi_threshold": "jacobi_threshold",
     "jacobi_max_iter": "jacobi_max_iter", "denoise": "denoise", "learnable_denoiser": "learnable_denoiser",
     "denoise_step_size": "denoise_step_size", "target_noise_std": "target_noise_std",
-    "context_length": "context_length", "kv_bits": "kv_bits", "kv_group_size": "kv_group_size",
+    "context_length": "context_length", "kv_bits": "kv_bits", "kv_group_size": "kv_group_size", "window": "window",
+    "stream": "stream_frames", "decode_tile_size": "decode_tile_size",
 }
 
 
@@ -165,6 +166,16 @@ def _add_generate(commands) -> None:
                    help="quantize the deep block's KV cache (MLX affine; default: float)")
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
                    help="with --kv-bits (default 64, or 32 where 64 does not divide the model's head_dim)")
+    p.add_argument("--window", type=int, default=None,
+                   help="the deep block's sliding window in latent frames (default: the model's, or the training "
+                        "length for a longer clip); the learnable denoiser works in chunks of it")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="denoise and decode each frame while later ones are sampling (the default for a video); "
+                        "--no-stream: after sampling, when the KV cache is gone (less memory, the same frames)")
+    p.add_argument("--decode-tile-size", type=int, default=None,
+                   help="VAE decode in spatial tiles of this many latent pixels (default: whole frames)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="load each part only for the stages that need it (T5, the flow, the VAE)")
     _add_memory_limit(p, "plan the run before loading and choose settings that fit within GB (decimal gigabytes), "
                          "or refuse with the numbers; default: " + MEMORY_LIMIT_DEFAULT)
     p.set_defaults(func=generate)
@@ -197,7 +208,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
 
     memory_plan = _fit_memory(args, settings)
     pipeline = _load(args, low_memory=memory_plan.request.low_memory)
-    _apply_memory_plan(pipeline, memory_plan, settings)
+    memory_record = _apply_memory_plan(pipeline, memory_plan, settings)
     task = _task(pipeline, args, settings)
     if out.suffix.lower() != _SUFFIX[task]:
         kind = "an image" if task == "t2i" else "a video"
@@ -212,9 +223,9 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     for seed, path in zip(seeds, paths):
         if best_of == 1 and task != "t2i":  # the mp4 is written while the clip is generating
             written.append(_write_while_sampling(path, pipeline, args.prompt, task, condition,
-                                                 {**settings, "seed": seed}, args.overwrite))
+                                                 {**settings, "seed": seed}, args.overwrite, memory_record))
         else:  # the best of several is known only once all are done
-            result = _best_of(pipeline, args.prompt, task, condition, settings, seed, best_of)
+            result = _best_of(pipeline, args.prompt, task, condition, settings, seed, best_of, memory_record)
             written.append(Sample(_write(path, result, args.overwrite), result.record))
         log.info("wrote %s (%s bits/dim)", path, _bits(written[-1].record))
     return written
@@ -289,12 +300,13 @@ def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
     return "t2v"
 
 
-def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, seed: int, n: int):
+def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, seed: int, n: int,
+             memory_record: dict):
     """Samples of seeds ``seed`` .. ``seed + n - 1``; the one with the lowest bits/dim under the prompt, its record
     holding every candidate's score (its own seed alone regenerates it)."""
     candidates = []
     for candidate_seed in range(seed, seed + n):
-        result = _sample(pipeline, prompt, task, condition, {**settings, "seed": candidate_seed})
+        result = _sample(pipeline, prompt, task, condition, {**settings, "seed": candidate_seed}, memory_record)
         candidates.append(result)
         if n > 1:
             log.info("seed %d: %s bits/dim", candidate_seed, _bits(result.record))
@@ -309,9 +321,10 @@ def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, 
     return best
 
 
-def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict, video=None):
+def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict, memory_record: dict, video=None):
     """One generation, its stages shown as progress bars; closing the stream (Ctrl-C included) cancels it.
-    ``video``: a ``media.VideoWriter`` that each frame is appended to as soon as it is decoded."""
+    ``video``: a ``media.VideoWriter`` that each frame is appended to as soon as it is decoded; ``memory_record``
+    (the memory plan it ran under) goes into the result's record as "memory"."""
     from .pipeline import FramesDecoded, Generated
 
     progress = _Progress(shallow_blocks=pipeline.flow_config.num_blocks - 1)
@@ -322,19 +335,20 @@ def _sample(pipeline, prompt: str, task: str, condition: dict, settings: dict, v
                 for frame in event.frames[0]:
                     video.write(frame)
             if isinstance(event, Generated):
+                event.result.record["memory"] = dict(memory_record)
                 return event.result
     raise RuntimeError("the generation stream ended without a result")
 
 
 def _write_while_sampling(path: Path, pipeline, prompt: str, task: str, condition: dict, settings: dict,
-                          overwrite: bool) -> Sample:
+                          overwrite: bool, memory_record: dict) -> Sample:
     """One clip appended to its mp4 frame by frame while later frames are generating, the record put in at the
     end; nothing is at ``path`` before then, and a failure or Ctrl-C leaves nothing (``VideoWriter`` aborts)."""
     from . import media
 
     fps = pipeline.settings(**settings).fps
     with media.VideoWriter(path, fps, overwrite=overwrite) as video:
-        result = _sample(pipeline, prompt, task, condition, settings, video)
+        result = _sample(pipeline, prompt, task, condition, settings, memory_record, video)
         return Sample(video.close(result.record), result.record)
 
 
@@ -460,7 +474,7 @@ def _memory_limit(args: argparse.Namespace, default: bool) -> tuple[int | None, 
 
 def _fit_memory(args: argparse.Namespace, settings: dict):
     """generate's plan, made before any weight is loaded: the settings that fit the memory limit, or a refusal
-    (``memory.MemoryLimitError``) with the numbers."""
+    (``memory.MemoryLimitError``) with the numbers. What the user set (``settings``, --low-memory) stays."""
     from . import hub, memory
 
     spec = memory.from_folder(hub.resolve_model(args.model))
@@ -471,30 +485,37 @@ def _fit_memory(args: argparse.Namespace, settings: dict):
         task = "v2v"
     else:
         task = "t2v" if spec.video and settings.get("frames") != 1 else "t2i"
-    chosen = {name: getattr(args, name) for name in ("kv_bits", "decode_tile_size") if getattr(args, name, None)}
-    low_memory = bool(getattr(args, "low_memory", False))
-    fixed = set(chosen) | ({"low_memory"} if low_memory else set())
+    fixed = set(settings) | ({"low_memory"} if args.low_memory else set())
     limit, source = _memory_limit(args, default=True)
     with _options_named():
         request = memory.request_from_settings(
-            task, {**settings, **chosen}, given_frames=args.given_frames, dtype=args.dtype, q_bits=args.q_bits,
-            q_group_size=args.q_group_size or 64, low_memory=low_memory, backend=memory.default_backend())
+            task, settings, given_frames=args.given_frames, dtype=args.dtype, q_bits=args.q_bits,
+            q_group_size=args.q_group_size or 64, low_memory=args.low_memory, backend=memory.default_backend())
         plan = memory.fit(spec, request, limit, fixed)
     log.info("memory plan: peak %s in %s, limit %s (%s)%s", memory.format_bytes(plan.peak), plan.peak_stage,
              memory.format_bytes(limit), source, "".join(f"; {change}" for change in plan.changes))
     return dataclasses.replace(plan, shape={**plan.shape, "limit_bytes": limit})
 
 
-def _apply_memory_plan(pipeline, plan, settings: dict) -> None:
-    """The fitted plan's choices: its settings (``kv_bits``, ``decode_tile_size``: ``pipeline.Settings`` fields),
-    and the MLX buffer cache bounded to the headroom under the limit (``pipeline.cache_limit``)."""
+# The settings fit may choose (memory.fit's steps), applied to the generation's settings.
+FITTED_SETTINGS = ("stream_frames", "kv_bits", "decode_tile_size")
+
+
+def _apply_memory_plan(pipeline, plan, settings: dict) -> dict:
+    """The fitted plan's choices applied and logged: its settings (``FITTED_SETTINGS``) into ``settings``, and
+    the MLX buffer cache bounded to the headroom under the limit (``pipeline.cache_limit``; ``low_memory`` was
+    given to the load). Returns the record's "memory" entry: the predicted peak and its stage, the limit and
+    what fit changed."""
     from . import memory
 
     pipeline.cache_limit = memory.cache_limit(plan, plan.shape["limit_bytes"])
-    for name in ("kv_bits", "decode_tile_size"):
-        value = getattr(plan.request, name)
-        if value is not None:
-            settings.setdefault(name, value)
+    chosen = {name: getattr(plan.request, name) for name in FITTED_SETTINGS if name not in settings}
+    settings.update({name: value for name, value in chosen.items() if value is not None})
+    log.info("memory settings: low_memory %s, stream_frames %s, kv_bits %s, decode_tile_size %s, cache limit %s",
+             pipeline.low_memory, plan.request.stream_frames, plan.request.kv_bits, plan.request.decode_tile_size,
+             memory.format_bytes(pipeline.cache_limit))
+    return {"predicted_peak": plan.peak, "peak_stage": plan.peak_stage, "limit": plan.shape["limit_bytes"],
+            "changes": list(plan.changes), "backend": plan.request.backend}
 
 
 def _add_plan(commands) -> None:
@@ -502,7 +523,8 @@ def _add_plan(commands) -> None:
         "plan", help="the peak memory a generation will need, stage by stage (no weight is read)",
         description="Predict the peak memory of a generation from the model's config files alone: each stage "
         "(text, prefix, sample, denoise, decode, score) and the terms that make it up. With --memory-limit, the "
-        "settings that fit (low memory, VAE decode tiles, 8- then 4-bit KV cache), or a refusal with the numbers.",
+        "settings that fit (low memory, frames after sampling, VAE decode tiles, 8- then 4-bit KV cache), or a "
+        "refusal with the numbers.",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", default=None, metavar="PATH_OR_REPO",
@@ -521,6 +543,8 @@ def _add_plan(commands) -> None:
     p.add_argument("--kv-bits", type=int, default=None, help="4 or 8: the deep block's quantized KV cache")
     p.add_argument("--window", type=int, default=None, help="the deep block's sliding window (latent frames)")
     p.add_argument("--decode-tile-size", type=int, default=None, help="VAE decode tiles (latent pixels)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="frames denoised and decoded while sampling (default) or after it (--no-stream)")
     p.add_argument("--low-memory", action="store_true", help="load each part only for the stages that need it")
     p.add_argument("--backend", default=None, help="cpu or gpu (default: this machine's)")
     _add_memory_limit(p, "choose settings that fit within GB (decimal gigabytes), or refuse")
@@ -536,15 +560,14 @@ def plan(args: argparse.Namespace) -> dict:
     spec = memory.preset(args.preset) if args.preset else memory.from_folder(hub.resolve_model(args.model))
     settings = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
                 if getattr(args, option, None) is not None}
-    planner = {name: getattr(args, name) for name in ("kv_bits", "window", "decode_tile_size", "q_bits")
-               if getattr(args, name) is not None}
     task = args.task or spec.pipeline.task
     limit, _ = _memory_limit(args, default=False)
     with _options_named():
         request = memory.request_from_settings(
-            task, settings, num_samples=args.num_samples, dtype=args.dtype, q_group_size=args.q_group_size or 64,
-            low_memory=args.low_memory, backend=args.backend or memory.default_backend(), **planner)
-        fixed = set(planner) | ({"low_memory"} if args.low_memory else set())
+            task, settings, num_samples=args.num_samples, dtype=args.dtype, q_bits=args.q_bits,
+            q_group_size=args.q_group_size or 64, low_memory=args.low_memory,
+            backend=args.backend or memory.default_backend())
+        fixed = set(settings) | ({"low_memory"} if args.low_memory else set())
         result = memory.plan(spec, request) if limit is None else memory.fit(spec, request, limit, fixed)
     description = {**result.to_dict(), "limit_bytes": limit}
     if args.json:
@@ -643,6 +666,8 @@ def info(args: argparse.Namespace) -> dict:
         model = record["model"]
         named = "".join(f", {key} {_short(model[key])}" for key in ("name", "version") if key in model)
         lines.append(f"model: {_short(model.get('id'))}{named}")
+    if isinstance(record.get("memory"), dict):
+        lines.append(_memory_line(record["memory"]))
     if "timings" in record:
         lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in record["timings"].items()))
     if "best_of" in record:
@@ -651,6 +676,21 @@ def info(args: argparse.Namespace) -> dict:
                      + ", ".join(f"{b:.4f}" for b in best["bits_per_dim"]))
     _print("\n".join(lines))
     return record
+
+
+def _memory_line(entry: dict) -> str:
+    """A record's "memory" entry (generate's plan) in one line; values not of the expected kind shown as they are."""
+    from . import memory
+
+    def size(key):
+        value = entry.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+        return memory.format_bytes(value) if ok else _short(value)
+
+    changes = entry.get("changes")
+    changed = "; ".join(map(_short, changes)) if isinstance(changes, list) and changes else "nothing"
+    return (f"memory: predicted peak {size('predicted_peak')} in {_short(entry.get('peak_stage'))}, limit "
+            f"{size('limit')}; changed: {changed}")
 
 
 def model_info(args: argparse.Namespace) -> dict:

@@ -12,10 +12,13 @@ frame of VAE decode at a time) and adds up, for each stage, named terms in bytes
   attention: no score matrix; 2-D convolutions implicit, 3-D ones still unfolded).
 
 The stages are the pipeline's (``text``, ``prefix`` for i2v/v2v, ``sample``, ``denoise``, ``decode``) and
-``score``, the record's bits/dim forward. A model is a ``ModelSpec``: from a pipeline folder (``from_folder``: its
-config files only) or a named preset of a released model (``PRESETS``: STARFlow-V 7B T2V, STARFlow 3B T2I) whose
-weights need not be here. ``fit(model, request, limit)`` changes what the user left open until the plan fits, or
-raises ``MemoryLimitError`` with the numbers.
+``score``, the record's bits/dim forward at the end of the pipeline's sample stage. When frames stream
+(``Request.stream_frames``, the pipeline's default for a video flow whose shallow blocks work within frames), each
+frame is denoised and decoded inside ``sample``, beside the deep block's KV cache, and there is no ``decode``
+stage; otherwise they are denoised and decoded after sampling. A model is a ``ModelSpec``: from a pipeline
+folder (``from_folder``: its config files only) or a named preset of a released model (``PRESETS``: STARFlow-V
+7B T2V, STARFlow 3B T2I) whose weights need not be here. ``fit(model, request, limit)`` changes what the user
+left open until the plan fits, or raises ``MemoryLimitError`` with the numbers.
 
 The planner predicts MLX's *active* memory (what ``mx.get_peak_memory`` reports) plus the decoded frames held in
 host (numpy) memory; MLX's buffer cache comes on top unless bounded (``cache_limit(plan, limit)``: the headroom).
@@ -34,6 +37,7 @@ from . import hub, media
 from .config import Config, FlowConfig, PipelineConfig, bounded, config_from_official, shown
 from .sd_vae import SDVAEConfig
 from .t5 import T5Config
+from .attention import resolve_kv_group_size
 from .tiling import default_overlap, tile_windows
 from .wan_vae import WanVAEConfig
 from .weights import read_config
@@ -41,16 +45,20 @@ from .weights import read_config
 TASKS = ("t2v", "t2i", "i2v", "v2v")
 BACKENDS = ("cpu", "gpu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STAGES = ("text", "prefix", "sample", "denoise", "decode", "score")
-# With low_memory (part D), the parts resident during each stage: a part is loaded when a stage needs it and
-# released when the last stage that needs it ends. Without it, every part is resident throughout.
+# The pipeline's stages in the order they run; "score" is the record's bits/dim forward at the end of the
+# pipeline's sample stage, planned on its own (after sampling's KV caches are freed).
+STAGES = ("text", "prefix", "sample", "score", "denoise", "decode")
+# With low_memory (pipeline.STAGE_PARTS), the parts resident during each stage: a part is loaded when a stage needs
+# it and released when the last stage that needs it ends. Without it, every part is resident throughout. When
+# frames stream, the VAE is loaded at the first frame decoded inside the sample stage and stays (``_parts``).
 STAGE_PARTS = {
-    "text": ("text",), "prefix": ("vae", "flow"), "sample": ("flow",), "denoise": ("flow",), "decode": ("vae",),
-    "score": ("flow",),
+    "text": ("text",), "prefix": ("vae", "flow"), "sample": ("flow",), "score": ("flow",), "denoise": ("flow",),
+    "decode": ("vae",),
 }
-# Whether the pipeline inverts the shallow blocks frame by frame (SamplerOptions.stream_frames) when it samples a
-# video: frame streaming (issue 11, part C) turns it on; re-calibrate after it lands.
-PIPELINE_STREAMS_FRAMES = False
+# Tokens per evaluation of the scoring and prefill forwards (flow.SCORE_CHUNK: one latent frame, at most this).
+SCORE_CHUNK = 1024
+# Float32 scores one quantized attention pass may hold (attention.MAX_SCORES): longer chunks are split by queries.
+MAX_SCORES = 2**26
 # Layers the flow never quantizes (flow.QUANT_SKIP: latent-wide projections).
 FLOW_QUANT_SKIP = ("proj_in", "proj_out")
 KV_BITS = (4, 8)
@@ -62,13 +70,16 @@ GB = 1e9
 # Live copies of one attention layer's score matrix (rows, heads, queries, keys) at its peak: the scores, and the
 # softmax written beside them before they are freed.
 CPU_SCORE_COPIES = 1.84
+# Live float32 copies of the score matrix of a quantized-KV attention pass (attention.quantized_attention, on every
+# backend: the scores, the masked scores, the softmax).
+QUANT_SCORE_COPIES = 1.8
 # Live copies of one layer's MLP hidden activations (rows, tokens, 4·width): more than the two of one layer, as
 # MLX's CPU stream runs ahead of the computation and frees a temporary only when its op has run, so the next
 # layers' buffers are allocated while earlier ones are still held.
-MLP_COPIES = 7.06
+MLP_COPIES = 6.72
 # Live copies of a convolution's unfolded input (MLX's explicit-GEMM convolution: output positions × taps × C_in):
 # more than one for the same reason.
-CONV_UNFOLD_COPIES = 2.86
+CONV_UNFOLD_COPIES = 2.76
 # Saved activations of one flow layer kept for the backward pass of the gradient denoising step, in units of
 # (rows, tokens, width), and score matrices saved per layer on the CPU backend.
 GRAD_SAVED_WIDTHS = 14.21
@@ -179,10 +190,12 @@ def preset(name: str) -> ModelSpec:
 class Request(Config):
     """One generation to plan; None takes the pipeline folder's default (``PipelineConfig``) or the pipeline's own
     rule. ``dtype``: the weights' dtype after loading (None: as stored); ``q_bits``: quantize the flow's and
-    T5's Linear layers at load; ``kv_bits``: the deep block's quantized KV cache; ``window``: the deep block's
+    T5's Linear layers at load; ``kv_bits``: the deep block's quantized KV cache, in groups of ``kv_group_size``
+    (None: 64, or 32 where 64 does not divide head_dim, as ``StarFlow.kv_group_size``); ``window``: the deep block's
     sliding window (latent frames); ``decode_tile_size``: VAE decode tiles (latent pixels); ``low_memory``: load
-    each part for the stages that need it; ``backend``: "cpu" or "gpu"; ``stream_frames``: the shallow blocks
-    inverted one frame at a time (None: what the pipeline does, ``PIPELINE_STREAMS_FRAMES``)."""
+    each part for the stages that need it; ``backend``: "cpu" or "gpu"; ``stream_frames`` (``Settings``): frames
+    denoised and decoded inside the sample stage, beside the deep block's KV cache (False: after sampling).
+    The shallow blocks of a frame-local video flow are always inverted one frame at a time."""
 
     model_type = "request"
 
@@ -195,7 +208,7 @@ class Request(Config):
     q_bits: int | None = bounded(None, choices=(4, 8))
     q_group_size: int = bounded(64, choices=GROUP_SIZES)
     kv_bits: int | None = bounded(None, choices=KV_BITS)
-    kv_group_size: int = bounded(64, choices=GROUP_SIZES)
+    kv_group_size: int | None = bounded(None, choices=GROUP_SIZES)
     jacobi: bool | None = None
     jacobi_block_size: int | None = bounded(None, min=1, max=65536)
     jacobi_growth: int = bounded(4, min=1, max=1024)  # sampler.Jacobi.growth
@@ -207,13 +220,13 @@ class Request(Config):
     decode_tile_size: int | None = bounded(None, min=1, max=4096)
     low_memory: bool = False
     backend: str = bounded("gpu", choices=BACKENDS)
-    stream_frames: bool | None = None
+    stream_frames: bool = True
 
 
 # Request fields a generation's settings (``pipeline.Settings``, the CLI's options) carry under the same name.
 SETTING_FIELDS = (
     "frames", "aspect_ratio", "guidance", "num_samples", "jacobi", "jacobi_block_size", "context_length",
-    "denoise", "learnable_denoiser", "kv_bits", "kv_group_size", "window", "decode_tile_size",
+    "denoise", "learnable_denoiser", "kv_bits", "kv_group_size", "window", "decode_tile_size", "stream_frames",
 )
 
 
@@ -353,6 +366,11 @@ class _Shape:
     act: int  # bytes of one activation element of the flow (its compute dtype), and of the VAE
     vae_act: int
     dtype: str
+    kv_group: Optional[int]  # the deep block's KV quantization group (None: a float cache)
+    streamed: bool  # frames denoised and decoded inside the sample stage (Pipeline._events: _FrameOutput)
+    learnable: bool  # denoising with the learnable denoiser (False: the gradient step or none)
+    denoise: bool
+    denoise_steps: int  # frames per learnable-denoiser chunk (Pipeline._denoise_window)
 
 
 def plan(model: ModelSpec, request: Request) -> MemoryPlan:
@@ -363,11 +381,11 @@ def plan(model: ModelSpec, request: Request) -> MemoryPlan:
     weights = _weights(model, request)
     stages = []
     for stage, transient in _stage_terms(model, request, s):
-        stages.append(StagePlan(stage, (*_resident(weights, stage, request), *transient)))
+        stages.append(StagePlan(stage, (*_resident(weights, stage, request, s), *transient)))
     shape = {
         "frames": s.pixel_frames, "height": s.height, "width": s.width, "latent_frames": s.T,
         "tokens_per_frame": s.F, "text_tokens": s.L, "window": s.window, "guidance": s.guidance,
-        "deep_slots": _deep_slots(s), "dtype": s.dtype,
+        "deep_slots": _deep_slots(s), "dtype": s.dtype, "stream_frames": s.streamed,
         "weights_bytes": {part: b for part, (b, _) in weights.items()},
     }
     return MemoryPlan(model.name, request, tuple(stages), shape)
@@ -409,11 +427,17 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     growth = r.jacobi_growth if jacobi else 1
     dtype = r.dtype or model.dtypes.get("flow", "float32")
     B = r.num_samples
+    denoise = r.denoise if r.denoise is not None else defaults.denoise
+    learnable = denoise and (r.learnable_denoiser if r.learnable_denoiser is not None else defaults.learnable_denoiser)
+    local_video = model.video and T > 1 and flow.shallow_block_local
     return _Shape(
         B=B, rows=2 * B if guidance > 0 else B, guidance=guidance, T=T, h=h, w=w, F=F, L=flow.txt_size,
         height=height, width=width, pixel_frames=frames, window=window, overlap=overlap, given=given,
         chunk_first=block, chunk_later=block * growth, act=DTYPE_BYTES[dtype],
         vae_act=DTYPE_BYTES[r.dtype or model.dtypes.get("vae", "float32")], dtype=dtype,
+        kv_group=resolve_kv_group_size(r.kv_bits, r.kv_group_size, flow.head_dim, "Request."),
+        streamed=bool(r.stream_frames and local_video and (learnable or not denoise)), learnable=learnable,
+        denoise=denoise, denoise_steps=min(T, _denoise_window(model, r, T) or flow.local_attn_window or T),
     )
 
 
@@ -434,6 +458,17 @@ def _window(model: ModelSpec, r: Request, T: int) -> Optional[int]:
         window = trained
     if window is None or window < 2 or window >= T:
         return None
+    return window
+
+
+def _denoise_window(model: ModelSpec, r: Request, T: int) -> Optional[int]:
+    """The learnable denoiser's chunk (``Pipeline._denoise_window``): the deep block's window as the pipeline
+    passes it (the request's even where it is the whole clip), widened to ``denoiser_window`` + 1 frames where it
+    is shorter."""
+    window = r.window if r.window is not None else _window(model, r, T)
+    shared = model.flow.denoiser_window
+    if window is not None and shared is not None and window <= shared:
+        return shared + 1
     return window
 
 
@@ -490,8 +525,10 @@ def _layer_linears(width: int) -> list[tuple[int, int]]:
     return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]
 
 
-def _resident(weights: dict, stage: str, r: Request) -> list[Term]:
+def _resident(weights: dict, stage: str, r: Request, s: _Shape) -> list[Term]:
     parts = STAGE_PARTS[stage] if r.low_memory else ("text", "flow", "vae")
+    if r.low_memory and s.streamed and stage in ("sample", "score", "denoise"):
+        parts = (*parts, "vae")  # loaded at the first frame decoded while sampling, kept to the end
     names = {"text": "T5 weights", "flow": "flow weights", "vae": "VAE weights"}
     return [Term(names[p], weights[p][0], weights[p][1]) for p in parts]
 
@@ -504,11 +541,11 @@ def _stage_terms(model: ModelSpec, r: Request, s: _Shape):
     if s.given:
         yield "prefix", _prefix_terms(model, r, s)
     yield "sample", _sample_terms(model, r, s)
-    denoise = r.denoise if r.denoise is not None else model.pipeline.denoise
-    if denoise:
-        yield "denoise", _denoise_terms(model, r, s)
-    yield "decode", _decode_terms(model, r, s)
     yield "score", _score_terms(model, r, s)
+    if s.denoise:
+        yield "denoise", _denoise_terms(model, r, s)
+    if not s.streamed:  # streamed, every frame was decoded inside the sample stage
+        yield "decode", _decode_terms(model, r, s)
 
 
 def _text_terms(model: ModelSpec, s: _Shape) -> list[Term]:
@@ -522,6 +559,11 @@ def _text_terms(model: ModelSpec, s: _Shape) -> list[Term]:
     ]
 
 
+def _text_kept(model: ModelSpec, s: _Shape) -> Term:
+    rows = s.B + (1 if s.guidance > 0 else 0)
+    return Term("text embeddings", rows * s.L * model.text.d_model * 4, "float32")
+
+
 def _kept_arrays(model: ModelSpec, s: _Shape) -> int:
     """The latents a generation keeps after sampling: noise, sampled and denoised latents (float32)."""
     return 3 * s.B * s.T * s.h * s.w * model.flow.in_channels * 4
@@ -532,46 +574,51 @@ def _deep_slots(s: _Shape) -> int:
     return s.L + s.F * (s.T if s.window is None else min(s.T, s.window))
 
 
-def _streams(r: Request) -> bool:
-    return r.stream_frames if r.stream_frames is not None else PIPELINE_STREAMS_FRAMES
-
-
 def _deep_cache(model: ModelSpec, r: Request, s: _Shape) -> Term:
     flow = model.flow
     slots = _deep_slots(s)
     elements = flow.layers_per_block[-1] * 2 * s.rows * slots * flow.top_channels
-    size, text = _cache_bytes(elements, s.act, r.kv_bits, r.kv_group_size)
+    size, text = _cache_bytes(elements, s.act, r.kv_bits, s.kv_group)
     return Term("KV cache (deep block)", size,
                 f"{flow.layers_per_block[-1]} layers x 2 x {s.rows} rows x {flow.top_channels // flow.head_dim} heads "
                 f"x {slots} slots x {flow.head_dim}, {text}")
 
 
-def _cache_bytes(elements: int, act: int, bits: Optional[int], group: int) -> tuple[int, str]:
+def _cache_bytes(elements: int, act: int, bits: Optional[int], group: Optional[int]) -> tuple[int, str]:
     if bits is None:
         return elements * act, f"{act * 8}-bit"
     # MLX affine packing: bits/8 bytes per element, a scale and a bias per group in the activation dtype
     return elements * bits // 8 + 2 * (elements // group) * act, f"{bits}-bit (group {group})"
 
 
-def _shallow_caches(model: ModelSpec, r: Request, s: _Shape) -> Term:
+def _local(model: ModelSpec, s: _Shape) -> bool:
+    """Whether the shallow blocks work within frames (then always one frame at a time while sampling)."""
+    return bool(model.flow.shallow_block_local and s.T > 1)
+
+
+def _shallow_caches(model: ModelSpec, s: _Shape) -> Term:
     flow = model.flow
-    local = flow.shallow_block_local and s.T > 1
-    rows, slots = (s.B, s.F) if (local and _streams(r)) else ((s.B * s.T, s.F) if local else (s.B, s.F * s.T))
+    slots = s.F if _local(model, s) else s.F * s.T
     layers = sum(flow.layers_per_block[:-1])
-    size = layers * 2 * rows * slots * flow.channels * s.act
-    return Term("KV caches (shallow)", size, f"{layers} layers x 2 x {rows} rows x {slots} slots x {flow.channels}")
+    size = layers * 2 * s.B * slots * flow.channels * s.act
+    return Term("KV caches (shallow)", size, f"{layers} layers x 2 x {s.B} rows x {slots} slots x {flow.channels}")
 
 
 def _attention_layer(rows: int, queries: int, keys: int, width: int, heads: int, act: int, backend: str,
-                     mask: str | None = None) -> int:
-    """One transformer layer's working set beyond its input: the MLP's hidden activations, and on the CPU the
-    attention score matrices (on the GPU the fused kernel keeps only its output). ``mask``: "causal" (built by
-    the CPU fallback, none on the GPU) or "array" (a boolean (queries, keys) array on both)."""
+                     mask: str | None = None, quantized: bool = False) -> int:
+    """One transformer layer's working set beyond its input: the MLP's hidden activations, and the attention's
+    score matrices: on the CPU those of MLX's attention, on every backend those of the quantized-KV attention
+    (float32, split to at most ``MAX_SCORES`` per pass), none of the GPU's fused kernel. ``mask``: "causal"
+    (built by the CPU fallback and the quantized attention, none on the GPU) or "array" (a boolean (queries,
+    keys) array on both)."""
     mlp = (MLP_COPIES if backend == "cpu" else GPU_MLP_COPIES) * rows * queries * 4 * width * act
     attention = 4 * rows * queries * width * act  # q, k, v of the new tokens and the output
-    if backend == "cpu":
+    if quantized:
+        per_pass = queries if mask is None else min(queries, max(1, MAX_SCORES // (rows * heads * keys)))
+        attention += QUANT_SCORE_COPIES * rows * heads * per_pass * keys * 4 + per_pass * keys
+    elif backend == "cpu":
         attention += CPU_SCORE_COPIES * rows * heads * queries * keys * act
-    mask_bytes = queries * keys if mask == "array" or (mask == "causal" and backend == "cpu") else 0
+    mask_bytes = queries * keys if mask == "array" or (mask == "causal" and backend == "cpu" and not quantized) else 0
     return int(max(mlp, attention) + mask_bytes)
 
 
@@ -598,56 +645,79 @@ def _deep_passes(s: _Shape) -> list[tuple[int, int, str]]:
 
 
 def _sample_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
+    """Sampling: the deep block's cache and its largest pass, the shallow blocks one frame at a time; when frames
+    stream, the denoiser's passes and the VAE's decode of a frame run beside the cache, and the decode streams'
+    causal caches and the decoded frames (host) grow to the whole clip."""
     flow = model.flow
     heads = flow.top_channels // flow.head_dim
-    deep, queries, keys, what = max(
-        (_attention_layer(s.rows, q, k, flow.top_channels, heads, s.act, r.backend, "causal" if q > 1 else None),
-         q, k, what)
+    quantized = r.kv_bits is not None
+    work = [
+        (_attention_layer(s.rows, q, k, flow.top_channels, heads, s.act, r.backend, "causal" if q > 1 else None,
+                          quantized), f"one deep layer, {what} x {k} keys, {s.rows} rows")
         for q, k, what in _deep_passes(s)
-    )
-    local = flow.shallow_block_local and s.T > 1
-    shallow_rows = s.B if (not local or _streams(r)) else s.B * s.T
-    shallow_keys = s.F if local else s.F * s.T
-    shallow = _attention_layer(shallow_rows, s.chunk_first, shallow_keys, flow.channels,
-                               flow.channels // flow.head_dim, s.act, r.backend)
+    ]
+    shallow_keys = s.F if _local(model, s) else s.F * s.T
+    work.append((_attention_layer(s.B, s.chunk_first, shallow_keys, flow.channels, flow.channels // flow.head_dim,
+                                  s.act, r.backend), f"one shallow layer, chunk of {s.chunk_first} tokens"))
     state = (2 * s.rows + s.B) * (s.F * s.T + 1) * flow.patch_channels * 4
     terms = [
-        Term("text embeddings", (s.B + (1 if s.guidance > 0 else 0)) * s.L * model.text.d_model * 4, "float32"),
+        _text_kept(model, s),
         _deep_cache(model, r, s),
-        _shallow_caches(model, r, s),
+        _shallow_caches(model, s),
         Term("sampler state", state + _kept_arrays(model, s) // 3, "noise and the solved tokens (float32)"),
     ]
-    if deep >= shallow:
-        terms.append(Term("activations", deep, f"one deep layer, {what} x {keys} keys, {s.rows} rows"))
-    else:
-        terms.append(Term("activations", shallow, f"one shallow layer, chunk of {s.chunk_first} tokens"))
+    if s.streamed:
+        terms.append(Term("denoised frames", 2 * _kept_arrays(model, s) // 3,
+                          "the frame denoiser's inputs and outputs (float32)"))
+        if s.learnable:
+            work.append(_denoiser_pass(model, r, s))
+        caches, decode = _streamed_decode(model, r, s)
+        terms.append(caches)
+        work.append((decode.bytes, f"VAE decode of a frame ({decode.explanation})"))
+        terms.append(Term("frames (host)", _frames_bytes(s), "decoded frames so far, float32 numpy", host=True))
+    bytes_, what = max(work)
+    terms.append(Term("activations", bytes_, what))
     return terms
 
 
+def _denoiser_pass(model: ModelSpec, r: Request, s: _Shape) -> tuple[int, str]:
+    """One learnable-denoiser layer over a whole chunk (the largest pass), and its boolean (S, S) mask."""
+    flow = model.flow
+    n = (s.L if flow.conditional_denoiser else 0) + s.denoise_steps * s.F
+    layer = _attention_layer(s.B, n, n, flow.channels, flow.channels // flow.head_dim, s.act, r.backend,
+                             "array" if s.T > 1 and flow.temporal_causal > 0 else None)
+    return layer, f"one denoiser layer over {s.denoise_steps} frames ({n} tokens) and its mask"
+
+
 def _prefix_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
+    """The prefill: the given frames' forward one latent frame at a time into the sampling caches."""
     flow = model.flow
     n = s.L + s.given * s.F
+    chunk = min(SCORE_CHUNK, s.F)
     heads = flow.top_channels // flow.head_dim
-    layer = _attention_layer(s.rows, n, n, flow.top_channels, heads, s.act, r.backend, "causal")
+    layer = _attention_layer(s.rows, chunk, n, flow.top_channels, heads, s.act, r.backend, "causal",
+                             r.kv_bits is not None)
+    outputs = (3 * flow.num_blocks + 1) * s.rows * s.F * s.given * flow.patch_channels * 4
     return [
+        _text_kept(model, s),
         _deep_cache(model, r, s),
-        _shallow_caches(model, r, s),
+        _shallow_caches(model, s),
         _vae_encode_term(model, r, s),
-        Term("activations", layer, f"one deep layer of the prefill ({n} tokens, {s.rows} rows)"),
+        Term("block outputs", outputs, "every block's output, log-determinant and input (float32)"),
+        Term("activations", layer, f"one deep layer of the prefill ({chunk} of {n} tokens, {s.rows} rows)"),
     ]
 
 
 def _denoise_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
-    flow = model.flow
-    learnable = r.learnable_denoiser if r.learnable_denoiser is not None else model.pipeline.learnable_denoiser
     kept = Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)")
-    text = Term("text embeddings", s.B * s.L * model.text.d_model * 4, "float32")
-    heads = flow.channels // flow.head_dim
-    if learnable and flow.learnable_self_denoiser:
-        steps = min(s.T, flow.local_attn_window or s.T)
-        n = (s.L if flow.conditional_denoiser else 0) + steps * s.F
-        layer = _attention_layer(s.B, n, n, flow.channels, heads, s.act, r.backend, "array" if s.T > 1 else None)
-        return [kept, text, Term("denoiser chunk", layer, f"one denoiser layer over {steps} frames ({n} tokens)")]
+    text = _text_kept(model, s)
+    if s.streamed:  # every frame was denoised while sampling: the frames put together
+        caches, _ = _streamed_decode(model, r, s)
+        return [kept, text, caches, Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy",
+                                         host=True)]
+    if s.learnable:
+        layer, what = _denoiser_pass(model, r, s)
+        return [kept, text, Term("denoiser chunk", layer, what)]
     return [kept, text, _gradient_term(model, r, s)]
 
 
@@ -667,17 +737,35 @@ def _gradient_term(model: ModelSpec, r: Request, s: _Shape) -> Term:
 
 
 def _score_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
+    """The record's bits/dim: the flow's forward on the sampled latent (B rows, no guidance), one latent frame of
+    tokens per evaluation through a float KV cache of each block's whole sequence (``StarFlow.score_chunk``)."""
     flow = model.flow
-    n = s.L + s.F * s.T
-    heads = flow.top_channels // flow.head_dim
-    layer = _attention_layer(s.B, n, n, flow.top_channels, heads, s.act, r.backend, "causal")
-    outputs = (2 * flow.num_blocks + 1) * s.B * s.F * s.T * flow.patch_channels * 4
-    return [
+    chunk = min(SCORE_CHUNK, s.F)
+    local = _local(model, s)
+    blocks = []
+    for i, layers in enumerate(flow.layers_per_block):
+        deep = i == flow.num_blocks - 1
+        width = flow.top_channels if deep else flow.channels
+        rows, slots = (s.B * s.T, s.F) if local and not deep else (s.B, s.F * s.T + (s.L if deep else 0))
+        cache = layers * 2 * rows * slots * width * s.act
+        text = (s.L, s.L) if deep else (0, 0)
+        layer = max(_attention_layer(rows, min(chunk, slots), slots, width, width // flow.head_dim, s.act,
+                                     r.backend, "causal"),
+                    _attention_layer(rows, *text, width, width // flow.head_dim, s.act, r.backend, "causal"))
+        blocks.append((cache + layer, cache, layer, "deep" if deep else f"shallow {i}", slots, rows))
+    _, cache, layer, name, slots, rows = max(blocks)
+    outputs = (3 * flow.num_blocks + 1) * s.B * s.F * s.T * flow.patch_channels * 4
+    terms = [
         Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)"),
-        Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True),
-        Term("block outputs", outputs, "every block's output and log-determinant (float32)"),
-        Term("activations", layer, f"one deep layer of the scoring forward ({n} tokens, {s.B} rows)"),
+        _text_kept(model, s),
+        Term("block outputs", outputs, "every block's output, log-determinant and input (float32)"),
+        Term("KV cache (scoring)", cache, f"the {name} block's {slots} slots x {rows} rows, float"),
+        Term("activations", layer, f"one {name} layer of a {chunk}-token chunk"),
     ]
+    if s.streamed:
+        terms += [_streamed_decode(model, r, s)[0],
+                  Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True)]
+    return terms
 
 
 def _frames_bytes(s: _Shape) -> int:
@@ -688,27 +776,31 @@ def _frames_bytes(s: _Shape) -> int:
 
 
 def _decode_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
-    tiles = _tiles(s.h, s.w, r.decode_tile_size)
-    th, tw = max(t[2] for t in tiles), max(t[3] for t in tiles)
-    tiled = "" if r.decode_tile_size is None else f", {len(tiles)} tiles of up to {th}x{tw}"
     kept = Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)")
     host = Term("frames (host)", _frames_bytes(s), "decoded frames, float32 numpy", host=True)
     if isinstance(model.vae, WanVAEConfig):
-        working, _ = _wan_decode(model.vae, th, tw, s.vae_act, r.backend)
-        caches = sum(_wan_decode(model.vae, t[2], t[3], s.vae_act, r.backend)[1] for t in tiles)
-        clip = s.pixel_frames * s.height * s.width * 3 * 4
-        return [
-            kept,
-            Term("VAE causal caches", caches, f"two frames per causal conv{tiled}"),
-            Term("VAE decode", working, f"one latent frame{tiled}: the largest conv's unfolded input, its "
-                                        "neighbours and norms"),
-            Term("decoded clip", 2 * clip + 4 * s.height * s.width * 3 * 4,
-                 "one sample's pixel frames, and their concatenation"),
-            host,
-        ]
+        caches, working = _streamed_decode(model, r, s)
+        return [kept, caches, working, host]
+    tiles = _tiles(s.h, s.w, r.decode_tile_size)
+    th, tw = max(t[2] for t in tiles), max(t[3] for t in tiles)
+    tiled = "" if r.decode_tile_size is None else f", {len(tiles)} tiles of up to {th}x{tw}"
     working = _sd_decode(model.vae, th, tw, s.vae_act, r.backend)
     return [kept, Term("VAE decode", working, f"the largest conv's unfolded input, its neighbours and norms{tiled}"),
             host]
+
+
+def _streamed_decode(model: ModelSpec, r: Request, s: _Shape) -> tuple[Term, Term]:
+    """The Wan VAE's decode streams (``Pipeline._FrameOutput``: one per sample, alive from the first frame decoded
+    to the end): their causal caches, and the working set of decoding one latent frame of one sample."""
+    tiles = _tiles(s.h, s.w, r.decode_tile_size)
+    th, tw = max(t[2] for t in tiles), max(t[3] for t in tiles)
+    tiled = "" if r.decode_tile_size is None else f", {len(tiles)} tiles of up to {th}x{tw}"
+    working, _ = _wan_decode(model.vae, th, tw, s.vae_act, r.backend)
+    caches = s.B * sum(_wan_decode(model.vae, t[2], t[3], s.vae_act, r.backend)[1] for t in tiles)
+    frame = 2 * model.vae.temporal_factor * s.height * s.width * 3 * 4  # one latent frame's pixels, and float32
+    return (Term("VAE causal caches", caches, f"two frames per causal conv, {s.B} stream(s){tiled}"),
+            Term("VAE decode", working + frame, f"one latent frame{tiled}: the largest conv's unfolded input, its "
+                                                "neighbours and norms"))
 
 
 def _tiles(h: int, w: int, tile: Optional[int]) -> list[tuple[int, int, int, int]]:
@@ -787,23 +879,30 @@ def _vae_encode_term(model: ModelSpec, r: Request, s: _Shape) -> Term:
 # Fitting a limit
 # ----------------------------------------------------------------------------------------------------------------
 
+# The stages the VAE decodes in (``_vae_stages``): its own, or those frames stream out of.
+VAE_STAGES = "the VAE's"
+STREAM_OFF = "stream_frames off (frames leave after sampling; results unchanged)"
 # Decode tiles fit tries, in latent pixels (the seams change slightly; results otherwise unchanged).
 DECODE_TILES = (32, 16)
 
 
 def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset | set = frozenset()) -> MemoryPlan:
     """The plan of ``request`` that fits ``limit`` bytes, changing in order only the fields not in ``fixed``:
-    ``low_memory`` on (results unchanged), VAE decode tiles (the seams change slightly), an 8-bit then a 4-bit KV
-    cache; a change is made only while a stage it lowers is over the limit. Raises ``MemoryLimitError`` with the
-    numbers when nothing fits; reads no weight."""
+    ``low_memory`` on (results unchanged), ``stream_frames`` off (frames denoised and decoded after sampling, when
+    the deep block's KV cache is gone; results unchanged), VAE decode tiles (the seams change slightly), an 8-bit
+    then a 4-bit KV cache; a change is made only while a stage it lowers is over the limit. Raises
+    ``MemoryLimitError`` with the numbers when nothing fits; reads no weight."""
     limit = _check_limit(limit)
     current = plan(model, request)
     tried = []
     for name, value, words, stages in _steps(request, fixed):
         if current.peak <= limit:
             break
+        stages = _vae_stages(current) if stages == VAE_STAGES else stages
         if not any(s.peak > limit for s in current.stages if s.stage in stages):
             continue  # the stages this step lowers fit already: keep the user's setting
+        if name == "stream_frames" and not current.shape["stream_frames"]:
+            continue  # nothing streams (an image, a flow whose shallow blocks see every frame)
         candidate = dataclasses.replace(current.request, **{name: value})
         tried.append(words)
         current = dataclasses.replace(plan(model, candidate), changes=(*current.changes, words))
@@ -816,13 +915,21 @@ def fit(model: ModelSpec, request: Request, limit: int | float, fixed: frozenset
     return current
 
 
+def _vae_stages(plan_: MemoryPlan) -> tuple[str, ...]:
+    """The stages whose peak holds the VAE's decode: its working set or its causal caches."""
+    return tuple(s.stage for s in plan_.stages
+                 if any(t.name in ("VAE decode", "VAE causal caches") for t in s.terms))
+
+
 def _steps(request: Request, fixed):
     """(field, value, words, the stages it lowers) of each change ``fit`` may make, in its order."""
     if "low_memory" not in fixed and not request.low_memory:
         yield "low_memory", True, "low_memory on", STAGES
+    if "stream_frames" not in fixed and request.stream_frames:
+        yield "stream_frames", False, STREAM_OFF, ("sample", "score", "denoise")
     if "decode_tile_size" not in fixed and request.decode_tile_size is None:
         for tile in DECODE_TILES:
-            yield "decode_tile_size", tile, f"decode tiles of {tile} latent pixels", ("decode",)
+            yield "decode_tile_size", tile, f"decode tiles of {tile} latent pixels", VAE_STAGES
     if "kv_bits" not in fixed:
         for bits in (8, 4):
             if request.kv_bits is None or bits < request.kv_bits:

@@ -733,29 +733,23 @@ class Pipeline:
     def plan(self, task: str = "t2v", *, backend: str | None = None, given_frames: int | None = None,
              **overrides) -> "memory.MemoryPlan":
         """The predicted peak memory of generating with these settings, stage by stage (``memory.plan``), for the
-        weights as loaded (dtype, quantization) and ``self.low_memory`` where the pipeline has it. ``overrides``:
-        ``Settings`` fields, and the planner's own (``kv_bits``, ``kv_group_size``, ``window``,
-        ``decode_tile_size``) where ``Settings`` does not have them yet; ``backend``: "cpu" or "gpu" (default:
-        this machine's). Nothing is allocated."""
+        weights as this pipeline loads them (``dtype``, ``quantized_at_load``, the folder's stored dtypes and
+        quantization) and ``self.low_memory``; ``overrides``: ``Settings`` fields; ``backend``: "cpu" or "gpu"
+        (default: this machine's). Reads no weight (the folder's config files only) and allocates nothing."""
         from . import memory
-        from .weights import compute_dtype
 
         task = _check_task(task)
         if task == "t2i":
             overrides = {"frames": 1, "fps": 0, **overrides}
-        fields = {f.name for f in dataclasses.fields(Settings)}
-        planner_only = {k: v for k, v in overrides.items() if k not in fields and k in memory.SETTING_FIELDS}
-        settings = self.settings(**{k: v for k, v in overrides.items() if k not in planner_only})
-        loaded = {"flow": self.flow, "text": self.text_encoder, "vae": self.vae}
-        dtypes = {part: _dtype_name(compute_dtype(model)) for part, model in loaded.items()}
-        spec = dataclasses.replace(memory.from_folder(self.folder.root), dtypes=dtypes)
+        settings = self.settings(**overrides)
         quantized = self.quantized_at_load or {}
         request = memory.request_from_settings(
-            task, {**dataclasses.asdict(settings), **planner_only}, given_frames=given_frames,
-            q_bits=quantized.get("bits"), q_group_size=quantized.get("group_size", 64),
-            low_memory=bool(getattr(self, "low_memory", False)), backend=backend or memory.default_backend(),
+            task, dataclasses.asdict(settings), given_frames=given_frames,
+            dtype=None if self.dtype is None else _dtype_name(self.dtype), q_bits=quantized.get("bits"),
+            q_group_size=quantized.get("group_size", 64), low_memory=self.low_memory,
+            backend=backend or memory.default_backend(),
         )
-        return memory.plan(spec, request)
+        return memory.plan(memory.from_folder(self.folder.root), request)
 
 
 # ----------------------------------------------------------------------------------------------------------------
