@@ -738,7 +738,8 @@ def _gradient_term(model: ModelSpec, r: Request, s: _Shape) -> Term:
 
 def _score_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
     """The record's bits/dim: the flow's forward on the sampled latent (B rows, no guidance), one latent frame of
-    tokens per evaluation through a float KV cache of each block's whole sequence (``StarFlow.score_chunk``)."""
+    tokens per evaluation through a KV cache of each block's whole sequence (``StarFlow.score_chunk``), the deep
+    block's at the sampler's ``kv_bits``."""
     flow = model.flow
     chunk = min(SCORE_CHUNK, s.F)
     local = _local(model, s)
@@ -747,19 +748,22 @@ def _score_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
         deep = i == flow.num_blocks - 1
         width = flow.top_channels if deep else flow.channels
         rows, slots = (s.B * s.T, s.F) if local and not deep else (s.B, s.F * s.T + (s.L if deep else 0))
-        cache = layers * 2 * rows * slots * width * s.act
+        quantized = deep and r.kv_bits is not None  # the deep block scores through the sampler's cache precision
+        cache, precision = _cache_bytes(layers * 2 * rows * slots * width, s.act, r.kv_bits if deep else None,
+                                        s.kv_group)
         text = (s.L, s.L) if deep else (0, 0)
         layer = max(_attention_layer(rows, min(chunk, slots), slots, width, width // flow.head_dim, s.act,
-                                     r.backend, "causal"),
-                    _attention_layer(rows, *text, width, width // flow.head_dim, s.act, r.backend, "causal"))
-        blocks.append((cache + layer, cache, layer, "deep" if deep else f"shallow {i}", slots, rows))
-    _, cache, layer, name, slots, rows = max(blocks)
+                                     r.backend, "causal", quantized),
+                    _attention_layer(rows, *text, width, width // flow.head_dim, s.act, r.backend, "causal",
+                                     quantized))
+        blocks.append((cache + layer, cache, layer, "deep" if deep else f"shallow {i}", slots, rows, precision))
+    _, cache, layer, name, slots, rows, precision = max(blocks)
     outputs = (3 * flow.num_blocks + 1) * s.B * s.F * s.T * flow.patch_channels * 4
     terms = [
         Term("latents", _kept_arrays(model, s), "noise, sampled and denoised latents (float32)"),
         _text_kept(model, s),
         Term("block outputs", outputs, "every block's output, log-determinant and input (float32)"),
-        Term("KV cache (scoring)", cache, f"the {name} block's {slots} slots x {rows} rows, float"),
+        Term("KV cache (scoring)", cache, f"the {name} block's {slots} slots x {rows} rows, {precision}"),
         Term("activations", layer, f"one {name} layer of a {chunk}-token chunk"),
     ]
     if s.streamed:

@@ -381,3 +381,17 @@ def test_generate_with_kv_bits_records_them(tmp_path):
                      str(out)]) == 0
     settings = read_metadata(out)["settings"]
     assert (settings["kv_bits"], settings["kv_group_size"]) == (8, None)
+
+
+def test_the_record_scores_the_sample_through_the_sampler_kv_precision():
+    """With ``kv_bits`` the record's bits/dim come from a quantized deep cache (the float one would be the run's
+    peak); they stay within the cache's rounding of the exact forward, and equal it without ``kv_bits``."""
+    from starflow_mlx import Pipeline
+
+    pipeline = Pipeline.from_pretrained(dtype="float32")
+    prompt = "a red square moving right"
+    text = pipeline._encode([pipeline.template(prompt, pipeline.settings())])
+    for bits, bound in ((None, 0.0), (8, 1e-4), (4, 2e-3)):
+        result = pipeline.text_to_video(prompt, kv_bits=bits, seed=1)
+        exact = float(pipeline.flow(result.sampled, text).bits_per_dim()[0])
+        assert abs(result.record["bits_per_dim"][0] - exact) <= bound, bits
