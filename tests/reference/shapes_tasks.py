@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from starflow_mlx.prompts import TASK_PREFIXES
 from starflow_mlx.t5 import encode_prompts, load_t5
 from starflow_mlx.tokenizer import T5Tokenizer
 from starflow_mlx.wan_vae import load_wan_vae
@@ -29,8 +30,6 @@ from .shapes import ATTRIBUTES, COLOURS, DIRECTIONS, FRAMES, SHAPES, TRAIN_CAPTI
     draw, edit, edit_pair, sample_motion
 from .shapes_data import encode_clips
 
-# The official trainer's caption prefixes (prepended before the prompt template).
-TASK_PREFIXES = {"v2v": "(v2v) ", "last": "(last) ", "extend": "(extend) "}
 VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS)}
 LAST_GAP = 4  # official: the clip is x[:, :-4] and the condition the frame x[:, -4], the one right after it
 
