@@ -123,7 +123,7 @@ def run_in_own_session(command: list[str], timeout: float, **kwargs) -> subproce
 
 def logged_losses(log: str) -> tuple[float, ...]:
     """(flow loss, bits/dim, denoiser loss) of the first step's log line."""
-    match = re.search(r"^step 1 loss (\S+) \((\S+) bits/dim\) denoiser (\S+) ", log, re.MULTILINE)
+    match = re.search(r"^step 1 \w+ loss (\S+) \((\S+) bits/dim\) denoiser (\S+) ", log, re.MULTILINE)
     assert match, log[-3000:]
     return tuple(map(float, match.groups()))
 
