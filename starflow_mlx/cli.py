@@ -135,7 +135,20 @@ def _add_generate(commands) -> None:
     given = p.add_mutually_exclusive_group()
     given.add_argument("--image", default=None, help="image to video: the first frame (PNG, JPEG, WebP)")
     given.add_argument("--video", default=None, help="video to video: continue this clip from its last frames")
-    p.add_argument("--given-frames", type=int, default=None, help="with --video: how many of its frames to keep")
+    given.add_argument("--edit", default=None, metavar="VIDEO",
+                       help="edit this clip as the prompt says (the trained (v2v) task); the result replaces it")
+    given.add_argument("--last-frame", default=None, metavar="IMAGE",
+                       help="a clip that leads into this image (the trained (last) task)")
+    given.add_argument("--extend", default=None, metavar="VIDEO",
+                       help="continue this clip mid-scene (the trained (extend) task); the result holds it first")
+    given.add_argument("--inversion", default=None, metavar="VIDEO",
+                       help="edit this clip by exact inversion: its noise under --source-prompt, sampled back "
+                            "under the prompt")
+    p.add_argument("--source-prompt", default=None, help="with --inversion: the caption of the given clip")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --inversion: fresh noise mixed in, 0 (keep all the source's) to 1 (a new sample)")
+    p.add_argument("--given-frames", type=int, default=None,
+                   help="with --video or --extend: how many of its frames to keep")
     p.add_argument("--given-from", choices=["end", "start"], default=None,
                    help="with --video: keep its last frames and continue it (end, the default), or keep its first "
                         "frames and generate the rest anew (start)")
@@ -199,8 +212,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".png"):
         raise ValueError(f"--out {out}: the name must end in .mp4 (a video) or .png (an image)")
-    if (args.given_frames is not None or args.given_from is not None) and args.video is None:
-        raise ValueError("--given-frames and --given-from go with --video")
+    _check_given_options(args)
     seeds = [arguments.integer("--seed", seed, 0) for seed in args.seed]
     paths = [_seed_path(out, seed) if len(seeds) > 1 else out for seed in seeds]
     for path in paths:
@@ -213,9 +225,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     if out.suffix.lower() != _SUFFIX[task]:
         kind = "an image" if task == "t2i" else "a video"
         raise ValueError(f"--out {out}: task {task} makes {kind}, written as {_SUFFIX[task]}")
-    condition = {"image": args.image} if task == "i2v" else {}
-    if task == "v2v":
-        condition = {"video": args.video, "given_frames": args.given_frames, "given_from": args.given_from or "end"}
+    condition = _condition(task, args)
     with _options_named():  # every setting checked before the first sample (the library checks again per call)
         pipeline.stream(args.prompt, task, **condition, **settings).close()
 
@@ -232,7 +242,10 @@ def generate(args: argparse.Namespace) -> list[Sample]:
 
 
 MAX_BEST_OF = 64
-_SUFFIX = {"t2v": ".mp4", "i2v": ".mp4", "v2v": ".mp4", "t2i": ".png"}
+_SUFFIX = {"t2i": ".png", **{task: ".mp4" for task in ("t2v", "i2v", "v2v", "edit", "last", "extend", "inversion")}}
+# generate's options that give an image or a clip, and the task each makes.
+GIVEN_OPTIONS = {"image": "i2v", "video": "v2v", "edit": "edit", "last_frame": "last", "extend": "extend",
+                 "inversion": "inversion"}
 
 
 @contextlib.contextmanager
@@ -291,13 +304,44 @@ def _check_group_size(args: argparse.Namespace) -> None:
 
 
 def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
-    if args.image is not None:
-        return "i2v"
-    if args.video is not None:
-        return "v2v"
-    if not pipeline.video or settings.get("frames") == 1:
-        return "t2i"
-    return "t2v"
+    return _given_task(args, pipeline.video, settings)
+
+
+def _given_task(args: argparse.Namespace, video_model: bool, settings: dict) -> str:
+    """The task generate's options ask for: the one of the image or clip given, else t2v (t2i for an image model
+    or one frame)."""
+    for option, task in GIVEN_OPTIONS.items():
+        if getattr(args, option) is not None:
+            return task
+    return "t2v" if video_model and settings.get("frames") != 1 else "t2i"
+
+
+def _check_given_options(args: argparse.Namespace) -> None:
+    """The options that only go with one kind of given clip."""
+    if args.given_frames is not None and args.video is None and args.extend is None:
+        raise ValueError("--given-frames goes with --video or --extend")
+    if args.given_from is not None and args.video is None:
+        raise ValueError("--given-from goes with --video")
+    for option in ("source_prompt", "strength"):
+        if getattr(args, option) is not None and args.inversion is None:
+            raise ValueError(f"--{option.replace('_', '-')} goes with --inversion")
+    if args.inversion is not None and args.source_prompt is None:
+        raise ValueError("--inversion needs --source-prompt: the caption of the given clip")
+
+
+def _condition(task: str, args: argparse.Namespace) -> dict:
+    """The pipeline's arguments for the image or clip of ``task``."""
+    if task in ("i2v", "last"):
+        return {"image": args.image if task == "i2v" else args.last_frame}
+    if task == "v2v":
+        return {"video": args.video, "given_frames": args.given_frames, "given_from": args.given_from or "end"}
+    if task == "extend":
+        return {"video": args.extend, "given_frames": args.given_frames}
+    if task == "edit":
+        return {"video": args.edit}
+    if task == "inversion":
+        return {"video": args.inversion, "source_prompt": args.source_prompt, "strength": args.strength}
+    return {}
 
 
 def _best_of(pipeline, prompt: str, task: str, condition: dict, settings: dict, seed: int, n: int,
@@ -479,12 +523,7 @@ def _fit_memory(args: argparse.Namespace, settings: dict):
 
     spec = memory.from_folder(hub.resolve_model(args.model))
     _check_group_size(args)
-    if args.image is not None:
-        task = "i2v"
-    elif args.video is not None:
-        task = "v2v"
-    else:
-        task = "t2v" if spec.video and settings.get("frames") != 1 else "t2i"
+    task = _given_task(args, spec.video, settings)
     fixed = set(settings) | ({"low_memory"} if args.low_memory else set())
     limit, source = _memory_limit(args, default=True)
     with _options_named():
@@ -531,7 +570,8 @@ def _add_plan(commands) -> None:
                         help="pipeline folder, or hub repo id of a converted pipeline (default: the shipped model)")
     source.add_argument("--preset", default=None, choices=["t2v-7b", "t2i-3b"],
                         help="a released model, without its weights: STARFlow-V 7B T2V or STARFlow 3B T2I")
-    p.add_argument("--task", default=None, help="t2v, t2i, i2v or v2v (default: the model's)")
+    p.add_argument("--task", default=None,
+                   help="t2v, t2i, i2v, v2v, edit, last, extend or inversion (default: the model's)")
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--aspect-ratio", default=None)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (0: none)")

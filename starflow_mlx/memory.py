@@ -42,7 +42,7 @@ from .tiling import default_overlap, tile_windows
 from .wan_vae import WanVAEConfig
 from .weights import read_config
 
-TASKS = ("t2v", "t2i", "i2v", "v2v")
+TASKS = ("t2v", "t2i", "i2v", "v2v", "edit", "last", "extend", "inversion")
 BACKENDS = ("cpu", "gpu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The pipeline's stages in the order they run; "score" is the record's bits/dim forward at the end of the
@@ -393,7 +393,7 @@ def plan(model: ModelSpec, request: Request) -> MemoryPlan:
 
 def _shape(model: ModelSpec, r: Request) -> _Shape:
     flow, defaults = model.flow, model.pipeline
-    video_task = r.task in ("t2v", "i2v", "v2v")
+    video_task = r.task != "t2i"
     if video_task and not model.video:
         raise ValueError(f"task {r.task} needs a video model; {model.name} makes images")
     frames = 1 if r.task == "t2i" else (r.frames if r.frames is not None else defaults.frames)
@@ -407,7 +407,7 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     height, width = media.bucket_size(ratio if flow.mix_aspect else None, flow.img_size * spatial,
                                       spatial * flow.patch_size)
     h, w = height // spatial, width // spatial
-    T = (frames - 1) // temporal + 1
+    T = _sampled_frames(r.task, (frames - 1) // temporal + 1)
     p = flow.patch_size
     F = (h // p) * (w // p)
     guidance = r.guidance if r.guidance is not None else defaults.guidance
@@ -415,14 +415,19 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     context = r.context_length if r.context_length is not None else defaults.context_length
     overlap = 0 if window is None else min(context, window - 1)
     given = 0
-    if r.task == "i2v":
+    if r.task in ("i2v", "last"):
         given = 1
-    elif r.task == "v2v":
-        pixel_given = r.given_frames if r.given_frames is not None else 1 + temporal * max(0, T // 2 - 1)
+    elif r.task == "edit":
+        given = T // 2
+    elif r.task in ("v2v", "extend"):
+        clip = (frames - 1) // temporal + 1
+        pixel_given = r.given_frames if r.given_frames is not None else 1 + temporal * max(0, clip // 2 - 1)
         given = (pixel_given - 1) // temporal + 1
-        if given >= T:
+        if given >= clip:
             raise ValueError(f"given_frames {pixel_given} must be fewer than frames {frames}")
-    jacobi = r.jacobi if r.jacobi is not None else defaults.jacobi
+        given -= r.task == "extend"  # its first latent frame goes to the decoder, not the flow
+    # inversion samples with the sequential inverse unless told (``Pipeline.inversion_edit``: the exact round trip)
+    jacobi = r.jacobi if r.jacobi is not None else defaults.jacobi and r.task != "inversion"
     block = (r.jacobi_block_size or defaults.jacobi_block_size) if jacobi else 1
     growth = r.jacobi_growth if jacobi else 1
     dtype = r.dtype or model.dtypes.get("flow", "float32")
@@ -447,13 +452,20 @@ def _vae_factors(vae) -> tuple[int, int]:
     return 2 ** (len(vae.block_out_channels) - 1), 1
 
 
+def _sampled_frames(task: str, clip: int) -> int:
+    """The latent frames a task samples for an output clip of ``clip`` (``Pipeline._latent_shape``): an edit's
+    source before it, last-frame conditioning's image, extension's without its first."""
+    return {"edit": 2 * clip, "last": clip + 1, "extend": clip - 1}.get(task, clip)
+
+
 def _window(model: ModelSpec, r: Request, T: int) -> Optional[int]:
-    """The deep block's sliding window (``Pipeline._window``): the request's, the model's own, or the training
-    length for a clip longer than it."""
+    """The deep block's sliding window (``Pipeline._window``): the request's, the model's own, or the task's
+    training length for a sequence longer than it."""
     if not model.video or T == 1:
         return None
     window = r.window if r.window is not None else model.flow.local_attn_window
-    trained = (model.pipeline.frames - 1) // _vae_factors(model.vae)[1] + 1
+    clip = (model.pipeline.frames - 1) // _vae_factors(model.vae)[1] + 1
+    trained = _sampled_frames(r.task, clip) if r.task in ("edit", "last") else clip
     if window is None and T > trained:
         window = trained
     if window is None or window < 2 or window >= T:
@@ -540,6 +552,8 @@ def _stage_terms(model: ModelSpec, r: Request, s: _Shape):
     yield "text", _text_terms(model, s)
     if s.given:
         yield "prefix", _prefix_terms(model, r, s)
+    if r.task == "inversion":
+        yield "prefix", _inversion_terms(model, r, s)
     yield "sample", _sample_terms(model, r, s)
     yield "score", _score_terms(model, r, s)
     if s.denoise:
@@ -706,6 +720,13 @@ def _prefix_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
         Term("block outputs", outputs, "every block's output, log-determinant and input (float32)"),
         Term("activations", layer, f"one deep layer of the prefill ({chunk} of {n} tokens, {s.rows} rows)"),
     ]
+
+
+def _inversion_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:
+    """Inversion's forward of the source to the flow's noise: the scoring forward on the guided rows (both
+    halves of classifier-free guidance), its caches in float (``Pipeline._to_noise``), and the VAE's encode."""
+    guided = dataclasses.replace(s, B=s.rows)
+    return [*_score_terms(model, dataclasses.replace(r, kv_bits=None), guided), _vae_encode_term(model, r, s)]
 
 
 def _denoise_terms(model: ModelSpec, r: Request, s: _Shape) -> list[Term]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,12 @@ from .t5 import T5Config, encode_prompts, load_t5
 from .tokenizer import T5Tokenizer
 from .weights import parse_dtype, quantize_model, read_config, read_model_config
 
-TASKS = ("t2v", "t2i", "i2v", "v2v")
+TASKS = ("t2v", "t2i", "i2v", "v2v", "edit", "last", "extend", "inversion")
+# The tasks the official trainer conditions by a caption prefix (``prompts.TASK_PREFIXES``, by its own names).
+TRAINED_PREFIX = {"edit": "v2v", "last": "last", "extend": "extend"}
+# What each task takes: an image, a video, or nothing.
+GIVEN_MEDIA = {"i2v": "image", "last": "image", "v2v": "video", "edit": "video", "extend": "video",
+               "inversion": "video"}
 STAGES = ("text", "prefix", "sample", "denoise", "decode")
 # The parts of a pipeline folder each stage computes with (generation's STAGES, and log_likelihood's "encode",
 # "text", "likelihood"): with ``low_memory`` a part is loaded when its stage first needs it and dropped when a stage
@@ -416,9 +422,12 @@ class Pipeline:
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.vae_config.temporal_factor + 1
 
-    def template(self, caption: str, settings: Settings) -> str:
-        """``caption`` through the official templates the flow was trained with (fps, noise level, ratio)."""
+    def template(self, caption: str, settings: Settings, task: str | None = None) -> str:
+        """``caption`` through the official templates the flow was trained with (fps, noise level, ratio), after
+        the task's training prefix (``(v2v) `` for edit, ``(last) ``, ``(extend) ``) where it has one."""
         flow = self.flow_config
+        if task in TRAINED_PREFIX:
+            caption = prompts.add_task_prefix(caption, TRAINED_PREFIX[task])
         return prompts.format_prompt(
             caption,
             fps=settings.fps if flow.fps_cond else None,
@@ -447,52 +456,114 @@ class Pipeline:
         """``video`` continued: its last ``given_frames`` frames (1 + 4k for the Wan VAE; default: the longest
         such count up to half of ``frames``) start the clip, the rest is sampled after them; with ``given_from``
         "start", its first frames are kept and the rest of it is generated anew. ``video``: a path, or (T, H, W, 3)
-        frames (uint8, or float in [-1, 1])."""
+        frames (uint8, or float in [-1, 1]). The given frames are encoded as a clip of their own, which the models
+        were not trained on mid-scene; ``extend`` is the trained continuation."""
         events = self.stream(prompt, "v2v", video=video, given_frames=given_frames, given_from=given_from, **settings)
+        return _run(events, progress, cancel, on_frame)
+
+    def edit(self, prompt: str, video: Media, *, progress=None, cancel=None, on_frame=None, **settings) -> Generation:
+        """``video`` edited as ``prompt`` says (the official ``(v2v) `` training task): its first ``frames`` frames
+        are encoded as the prefix, and the clip sampled after them under ``"(v2v) " + prompt`` is the result
+        (``frames`` frames; the source's are not in it). The prompt describes the clip wanted (on the shipped
+        model: "a blue square moving right" for a red one)."""
+        return _run(self.stream(prompt, "edit", video=video, **settings), progress, cancel, on_frame)
+
+    def last_frame(self, prompt: str, image: Media, *, progress=None, cancel=None, on_frame=None,
+                   **settings) -> Generation:
+        """A clip that leads into ``image`` (the official ``(last) `` training task): the image, encoded alone, is
+        the prefix, and the ``frames`` frames sampled after it under ``"(last) " + prompt`` are the result; the
+        image is the frame right after the clip's last one (training paired the clip x[:-4] with the frame
+        x[-4])."""
+        return _run(self.stream(prompt, "last", image=image, **settings), progress, cancel, on_frame)
+
+    def extend(self, prompt: str, video: Media, *, given_frames: int | None = None, progress=None, cancel=None,
+               on_frame=None, **settings) -> Generation:
+        """``video`` continued mid-scene (the official ``(extend) `` training task): its last ``given_frames``
+        frames (1 + 4k, default as ``video_to_video``) are encoded as one clip, the flow continues its latent
+        frames *after the first* (the image latent, which training dropped) under ``"(extend) " + prompt``, and
+        the result is the whole clip, ``frames`` frames with the given ones first (decoded back from their latent);
+        past the training length through the sliding window."""
+        events = self.stream(prompt, "extend", video=video, given_frames=given_frames, **settings)
+        return _run(events, progress, cancel, on_frame)
+
+    def inversion_edit(self, prompt: str, video: Media, *, source_prompt: str, strength: float = 0.0,
+                       progress=None, cancel=None, on_frame=None, **settings) -> Generation:
+        """``video`` edited by exact inversion: its first ``frames`` frames are encoded (VAE posterior sample, σ
+        noise), the flow's forward pass maps them to its noise under ``source_prompt`` (with the guidance the
+        sampler uses, so the two are exact inverses), ``strength`` mixes in fresh noise (``sqrt(1 - s²)·z + s·ε``;
+        0 keeps the source's noise, 1 is a new sample of ``prompt``), and the sampler maps it back under
+        ``prompt``. What the captions share is kept; the result has ``frames`` frames. The round trip (``prompt ==
+        source_prompt``, strength 0) gives back the noised source latent to float precision with the sequential
+        inverse: inversion uses it unless ``jacobi`` is set explicitly (Jacobi stops within its threshold)."""
+        events = self.stream(prompt, "inversion", video=video, source_prompt=source_prompt, strength=strength,
+                             **settings)
         return _run(events, progress, cancel, on_frame)
 
     # ---- the stream ----
     def stream(
         self, prompt: str, task: str = "t2v", *, image: Media | None = None, video: Media | None = None,
-        given_frames: int | None = None, given_from: str = "end", **overrides,
+        given_frames: int | None = None, given_from: str = "end", source_prompt: str | None = None,
+        strength: float | None = None, **overrides,
     ) -> Iterator[PipelineEvent]:
         """Generate as events (module docstring). ``task``: "t2v", "t2i", "i2v" (needs ``image``), "v2v" (needs
-        ``video``); ``overrides``: ``Settings`` fields. Everything is checked before the first event.
+        ``video``), "edit", "last" (``image``), "extend", "inversion" (``video``, ``source_prompt``, ``strength``;
+        see the one-call forms); ``overrides``: ``Settings`` fields. Everything is checked before the first event.
 
         The record: task, prompt (raw, templated, unconditional), settings (every field), size (H, W), latent
         shape, model (``model_record``), timings per stage (seconds), sampler statistics per block, bits/dim of each
-        sampled latent under its prompt, version."""
+        sampled latent under its prompt, version; for the conditioned tasks the given frames and the latent frames
+        of the sampled sequence that were given (``prefix_frames``), for inversion the source prompt and
+        strength."""
         task = _check_task(task)
         prompt = arguments.prompt("prompt", prompt)
-        if task == "t2i":
-            overrides = {"frames": 1, "fps": 0, **overrides}
-        settings = self.settings(**overrides)
+        settings = self.settings(**_task_overrides(task, overrides))
         if task == "t2i" and settings.frames != 1:
             raise ValueError(f"frames {settings.frames}: text_to_image makes 1 frame")
-        self.check_prompt_length(self.template(prompt, settings))
+        self.check_prompt_length(self.template(prompt, settings, task))
+        source = self._inversion_arguments(task, source_prompt, strength, settings)
         condition = self._condition(task, image, video, given_frames, given_from, settings)
-        events = self._events(task, prompt, settings, condition, given_from if task == "v2v" else None)
+        events = self._events(task, prompt, settings, condition, given_from if task == "v2v" else None, source)
         skipped = {"prefix"} if condition is None else set()
         skipped |= set() if settings.denoise else {"denoise"}
         return self._run_stages(events, [stage for stage in STAGES if stage not in skipped])
 
+    def _inversion_arguments(self, task, source_prompt, strength, settings: Settings) -> Optional[tuple]:
+        """(source prompt, strength) of an inversion, checked; None for the other tasks, which take neither."""
+        if task != "inversion":
+            for name, value in (("source_prompt", source_prompt), ("strength", strength)):
+                if value is not None:
+                    raise ValueError(f"{name} is an argument of inversion editing, not of task {task}")
+            return None
+        if source_prompt is None:
+            raise ValueError("inversion editing needs source_prompt: the caption of the given clip")
+        source_prompt = arguments.prompt("source_prompt", source_prompt)
+        self.check_prompt_length(self.template(source_prompt, settings), "source_prompt")
+        strength = arguments.finite_number("strength", 0.0 if strength is None else strength, minimum=0.0, maximum=1.0)
+        return source_prompt, strength
+
     def _condition(self, task, image, video, given_frames, given_from, settings) -> Optional[np.ndarray]:
-        """The given frames of i2v / v2v as pixels (T, 3, H, W) in [-1, 1]; None for t2v / t2i."""
-        if task in ("t2v", "t2i"):
-            if image is not None or video is not None:
-                raise ValueError(f"task {task} takes no image or video; use image_to_video / video_to_video")
+        """The given image or frames as pixels (T, 3, H, W) in [-1, 1]: i2v / last an image; v2v / extend the
+        clip's given frames; edit / inversion its first ``frames`` frames. None for t2v / t2i."""
+        wanted = GIVEN_MEDIA.get(task)
+        for name, value in (("image", image), ("video", video)):
+            if value is not None and name != wanted:
+                raise ValueError(f"task {task} takes {'no image or video' if wanted is None else 'no ' + name}")
+        if task not in ("v2v", "extend") and given_frames is not None:
+            raise ValueError(f"given_frames is an argument of video_to_video and extend, not of task {task}")
+        if wanted is None:
             return None
         if not self.video:
             raise ValueError(f"task {task} needs a video pipeline; this one makes images")
+        if (image if wanted == "image" else video) is None:
+            raise ValueError(f"task {task} needs {'an image' if wanted == 'image' else 'a video'}")
         size = self.pixel_size(settings)
-        if task == "i2v":
-            if image is None:
-                raise ValueError("image_to_video needs an image")
+        if wanted == "image":
             return _read_image(image, size)[None]
-        if video is None:
-            raise ValueError("video_to_video needs a video")
-        if given_from not in GIVEN_FROM:
-            raise ValueError(f"given_from must be one of {', '.join(GIVEN_FROM)}, got {given_from!r}")
+        if task in ("edit", "inversion"):
+            return _read_clip(video, size, settings.frames, settings.fps, from_end=False)
+        if given_from not in GIVEN_FROM or (task == "extend" and given_from != "end"):
+            choices = "end" if task == "extend" else ", ".join(GIVEN_FROM)
+            raise ValueError(f"given_from must be one of {choices}, got {given_from!r}")
         given = self._given_frames(given_frames, settings)
         return _read_clip(video, size, given, settings.fps, from_end=given_from == "end")
 
@@ -506,27 +577,33 @@ class Pipeline:
                              f"{settings.frames}")
         return given
 
-    def _events(self, task, prompt, settings: Settings, condition, given_from) -> Iterator[PipelineEvent]:
+    def _events(self, task, prompt, settings: Settings, condition, given_from, source) -> Iterator[PipelineEvent]:
         keys = mx.random.split(mx.random.key(settings.seed), 3)  # noise, conditioning σ noise, VAE posterior
         timings: dict[str, float] = {}
         B, guidance = settings.num_samples, settings.guidance
 
         start = time.perf_counter()
-        yield StageStarted("text", 2 if guidance > 0 else 1)
-        templated, unconditional = self.template(prompt, settings), self.template("", settings)
+        yield StageStarted("text", (2 if guidance > 0 else 1) + (source is not None))
+        templated, unconditional = self.template(prompt, settings, task), self.template("", settings)
         text = self._encode([templated] * B)
         text_null = self._encode([unconditional]) if guidance > 0 else None
+        source_text = None if source is None else self._encode([self.template(source[0], settings)] * B)
         yield _end("text", start, timings)
         self._release_after("text")
 
-        noise = mx.random.normal(self._latent_shape(settings), key=keys[0])
-        prefix = given = None
+        noise = mx.random.normal(self._latent_shape(settings, task, condition), key=keys[0])
+        plan = _TaskLatents()
         if condition is not None:
             start = time.perf_counter()
             yield StageStarted("prefix", 1)
-            given, prefix = self._prefill(condition, settings, text, text_null, keys[1:], noise.shape[1])
+            if source is None:
+                plan = self._prefill(task, condition, settings, text, text_null, keys[1:], noise.shape[1])
+            else:
+                plan.given = self._noised_latent(condition, settings, keys[1:])
+                noise = self._to_noise(plan.given, source_text, text_null, settings, source[1], noise)
             yield _end("prefix", start, timings)
             self._release_after("prefix")
+        prefix = plan.prefix
 
         latent_frames = noise.shape[1] if noise.ndim == 5 else 1
         yield StageStarted("sample", latent_frames)
@@ -535,9 +612,9 @@ class Pipeline:
         # decoded, never what they are.
         options = SamplerOptions(guidance=guidance, solver=settings.solver(), stream_frames=True,
                                  kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size,
-                                 **self._window(noise, settings))
+                                 **self._window(noise, settings, task))
         streamed = settings.stream_frames and streams_frames(self.flow, options, noise)
-        output = _FrameOutput(self, settings, text, noise, streamed, timings)
+        output = _FrameOutput(self, settings, text, noise, streamed, timings, task, plan.skip, plan.lead)
         stats: SamplerStats | None = None
         sampled = None
         events = stream_sample(self.flow, noise, None if prefix else text, None if prefix else text_null, options,
@@ -549,7 +626,7 @@ class Pipeline:
             if isinstance(event, FrameSampled):
                 yield from output.sampled(event.latent[:, None])
         media.check_sample(np.array(sampled), "sample (the flow's inverse)")
-        prefix = None  # its KV caches: sampling is done
+        prefix = plan.prefix = None  # its KV caches: sampling is done
         bits = self._bits_per_dim(sampled, text, settings)  # here: the flow may be released after its last stage
         mx.eval(bits)
         yield StageFinished("sample", timings["sample"])
@@ -585,13 +662,18 @@ class Pipeline:
             "latent_shape": list(latent.shape),
             "given_frames": None if condition is None else int(condition.shape[0]),
             "given_from": given_from,
+            "prefix_frames": plan.prefix_frames,
             "model": self.model_record(),
             "timings": timings,
             "sampler": _stats_record(stats),
             "bits_per_dim": [float(b) for b in np.array(bits)],
             "version": __version__,
         }
-        yield Generated(Generation(np.clip(frames, -1.0, 1.0), latent, sampled, given, record))
+        if source is not None:
+            record.update(source_prompt=source[0], source_prompt_templated=self.template(source[0], settings),
+                          strength=source[1])
+        latent = output.output_latent(latent)
+        yield Generated(Generation(np.clip(frames, -1.0, 1.0), latent, sampled, plan.given, record))
 
     def check_prompt_length(self, templated: str, name: str = "prompt") -> None:
         """The templated prompt and its end token must fit the flow's text window (``txt_size`` tokens): the
@@ -608,23 +690,37 @@ class Pipeline:
         mx.eval(encoded)
         return encoded
 
-    def _latent_shape(self, settings: Settings) -> tuple[int, ...]:
+    def _latent_shape(self, settings: Settings, task: str = "t2v", condition=None) -> tuple[int, ...]:
+        """The sampled sequence: the output clip's latent frames, after the prefix frames of edit (the source's)
+        and last (the image's), without the first of extend (kept out of the flow, as training dropped it)."""
         height, width = self.pixel_size(settings)
         factor, channels = self.vae_config.spatial_factor, self.flow_config.in_channels
         grid = (channels, height // factor, width // factor)
         if not self.video:
             return (settings.num_samples, *grid)
-        return (settings.num_samples, self.latent_frames(settings.frames), *grid)
+        frames = self.latent_frames(settings.frames)
+        if task in ("edit", "last"):
+            frames += self.latent_frames(condition.shape[0])
+        elif task == "extend":
+            frames -= 1
+        return (settings.num_samples, frames, *grid)
 
-    def _window(self, noise: mx.array, settings: Settings) -> dict:
-        """The deep block's sliding window: ``settings.window``, else the model's own, or for a clip longer than the
-        training one of a model without a window, the training length (``context_length`` frames carried over)."""
+    def _trained_frames(self, task: str) -> int:
+        """The latent frames of the sequences ``task`` was trained on: the folder's clip, plus the source clip of an
+        edit or the image of last-frame conditioning."""
+        clip = self.latent_frames(self.config.frames)
+        return {"edit": 2 * clip, "last": clip + 1}.get(task, clip)
+
+    def _window(self, noise: mx.array, settings: Settings, task: str = "t2v") -> dict:
+        """The deep block's sliding window: ``settings.window``, else the model's own, or for a sequence longer than
+        the task's training one of a model without a window, that length (``context_length`` frames carried
+        over): an edit's target sees its whole source as in training."""
         if noise.ndim != 5:
             return {}
         window = settings.window
         if window is None:
             window = self.flow_config.local_attn_window
-            trained = self.latent_frames(self.config.frames)
+            trained = self._trained_frames(task)
             if window is None and noise.shape[1] > trained:
                 window = trained
             if window is None or window < 2:
@@ -642,24 +738,61 @@ class Pipeline:
                                       settings.kv_group_size)
         return self.flow(sampled, text, caches=caches).bits_per_dim()
 
-    def _denoise_window(self, noise: mx.array, settings: Settings) -> int | None:
+    def _denoise_window(self, noise: mx.array, settings: Settings, task: str = "t2v") -> int | None:
         """The learnable denoiser's chunk: the deep block's window (memory stays flat over a long clip), widened to
         ``denoiser_window`` + 1 frames where it is shorter, since a chunk must move forward past the frames it
         shares with the previous one (the official loop would never end there); None: the denoiser's default."""
-        window = self._window(noise, settings).get("window")
+        window = self._window(noise, settings, task).get("window")
         shared = self.flow_config.denoiser_window
         if window is not None and shared is not None and window <= shared:
             return shared + 1
         return window
 
-    def _prefill(self, pixels: np.ndarray, settings: Settings, text, text_null, keys, frames: int):
-        """The given frames (T, 3, H, W) encoded to the flow latent, with the model's σ noise (official
-        ``prepare_input_image``: ``add_noise``), as the prefix of every sample."""
+    def _noised_latent(self, pixels: np.ndarray, settings: Settings, keys, drop_first: bool = False):
+        """The given frames (T, 3, H, W) encoded to the flow latent (posterior sample) with the model's σ noise
+        (official ``prepare_input_image``: ``add_noise``), one row per sample; with ``drop_first``, (that latent
+        without its first frame, the first frame's clean posterior sample)."""
         latent = self.vae.to_flow_latent(mx.array(pixels)[None], key=keys[1])
+        first = None
+        if drop_first:
+            first, latent = latent[:, :1], latent[:, 1:]
         latent = latent + self.noise_std(settings) * mx.random.normal(latent.shape, key=keys[0])
-        latent = mx.broadcast_to(latent, (settings.num_samples, *latent.shape[1:]))
-        return latent, self.flow.prefill(latent, text, settings.guidance, text_null, frames=frames,
-                                         kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size)
+        rows = lambda x: mx.broadcast_to(x, (settings.num_samples, *x.shape[1:]))  # noqa: E731
+        return (rows(latent), rows(first)) if drop_first else rows(latent)
+
+    def _prefill(self, task: str, pixels: np.ndarray, settings: Settings, text, text_null, keys,
+                 frames: int) -> "_TaskLatents":
+        """The given frames as the prefix of every sample (the context pass): for extend without their first latent
+        frame, which goes straight to the decoder (``lead``); edit and last leave their prefix out of the output
+        (``skip``)."""
+        lead = None
+        if task == "extend":
+            given, lead = self._noised_latent(pixels, settings, keys, drop_first=True)
+        else:
+            given = self._noised_latent(pixels, settings, keys)
+        prefix = self.flow.prefill(given, text, settings.guidance, text_null, frames=frames,
+                                   kv_bits=settings.kv_bits, kv_group_size=settings.kv_group_size)
+        frames = given.shape[1] if given.ndim == 5 else 1
+        return _TaskLatents(given, prefix, frames if task in ("edit", "last") else 0, lead, frames)
+
+    def _to_noise(self, given: mx.array, source_text: mx.array, text_null, settings: Settings, strength: float,
+                  fresh: mx.array) -> mx.array:
+        """Inversion: the flow's forward pass maps the noised source latent to its noise under the source caption,
+        guided as the sampler will be (rows [cond; uncond] of the same latent: the deep block's guided affine is then
+        the one the guided inverse applies), and ``strength`` of ``fresh`` noise is mixed in."""
+        if self._window(fresh, settings, "inversion"):
+            raise ValueError(f"inversion editing of {given.shape[1]} latent frames needs the deep block's sliding "
+                             f"window, which the forward pass does not invert exactly; use at most "
+                             f"{self._trained_frames('inversion')} latent frames ({self.config.frames} frames)")
+        guidance = settings.guidance
+        rows, text = given, source_text
+        if guidance > 0:
+            rows, text = mx.concatenate([given, given]), self.flow.guided_text(source_text, text_null, guidance)
+        z = self.flow(rows, text, guidance).z[: given.shape[0]]
+        if strength > 0:
+            z = math.sqrt(1 - strength**2) * z + strength * fresh
+        mx.eval(z)
+        return z
 
     def _denoise(self, sampled: mx.array, text: mx.array, settings: Settings, window: int | None):
         """The whole latent's denoising events, the last one ``Denoised``."""
@@ -750,8 +883,7 @@ class Pipeline:
         from . import memory
 
         task = _check_task(task)
-        if task == "t2i":
-            overrides = {"frames": 1, "fps": 0, **overrides}
+        overrides = _task_overrides(task, overrides)
         settings = self.settings(**overrides)
         quantized = self.quantized_at_load or {}
         request = memory.request_from_settings(
@@ -807,6 +939,16 @@ def _check_task(task) -> str:
     return task
 
 
+def _task_overrides(task: str, overrides: dict) -> dict:
+    """The settings a task implies unless given: one frame at fps 0 for t2i; the sequential inverse for inversion
+    (its exact round trip, see ``Pipeline.inversion_edit``)."""
+    if task == "t2i":
+        return {"frames": 1, "fps": 0, **overrides}
+    if task == "inversion":
+        return {"jacobi": False, **overrides}
+    return overrides
+
+
 def _read_image(source: Media, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) float32 in [-1, 1]."""
     if isinstance(source, np.ndarray):
@@ -828,6 +970,19 @@ def _read_clip(source: Media, size: tuple[int, int], frames: int, fps: int, from
     return media.read_video(source, size, frames, fps=fps or None, from_end=from_end).frames
 
 
+@dataclass
+class _TaskLatents:
+    """What the prefix stage gives the rest of a generation: ``given`` the noised latent of the given frames (the
+    prefix, or inversion's source), ``prefix`` the prefilled caches, ``skip`` the prefix frames left out of the
+    output (edit, last), ``lead`` latent frames decoded before the sampled ones (extend's first)."""
+
+    given: Optional[mx.array] = None
+    prefix: Any = None
+    skip: int = 0
+    lead: Optional[mx.array] = None
+    prefix_frames: Optional[int] = None  # latent frames of the sampled sequence that were given
+
+
 class _FrameOutput:
     """Sampled latent frames to ``FramesDecoded``, in order, each as soon as it is final.
 
@@ -839,17 +994,19 @@ class _FrameOutput:
     """
 
     def __init__(self, pipeline: "Pipeline", settings: Settings, text: mx.array, noise: mx.array, streamed: bool,
-                 timings: dict):
+                 timings: dict, task: str = "t2v", skip: int = 0, lead: mx.array | None = None):
         self.pipeline, self.settings, self.text, self.timings = pipeline, settings, text, timings
         self.video = noise.ndim == 5
-        self.window = pipeline._denoise_window(noise, settings)
+        self.skip, self.lead = skip, lead  # the prefix frames left out of the output; latent frames decoded first
+        self.window = pipeline._denoise_window(noise, settings, task)
         learnable = settings.denoise and settings.learnable_denoiser
         self.denoiser = FrameDenoiser(pipeline.flow, text, noise.shape[1], self.window) if (
             streamed and learnable) else None
         self.streamed = streamed and (self.denoiser is not None or not settings.denoise)
         self.streams = None  # the VAE's decode streams, opened at the first frame decoded
         self.pieces: list[np.ndarray] = []  # decoded pixels, unclipped, (B, n, H, W, 3) each
-        self.latent_decoded = self.decoded = 0  # latent frames pushed to the decoder; pixel frames out
+        self.latent_decoded = self.decoded = 0  # latent frames of the sampled sequence decoded or skipped; pixel
+        # frames out
 
     def sampled(self, latent_frames: mx.array) -> Iterator[PipelineEvent]:
         """Latent frames (B, n, C, h, w) the sampler has finished: their events as they become final."""
@@ -883,21 +1040,38 @@ class _FrameOutput:
         """Every decoded frame, (B, T, H, W, 3) float32, not clipped."""
         return np.concatenate(self.pieces, axis=1)
 
+    def output_latent(self, latent: mx.array) -> mx.array:
+        """The latent of the output clip: the final latent without the skipped prefix, after the lead frames."""
+        if not self.video:
+            return latent
+        latent = latent[:, self.skip :]
+        return latent if self.lead is None else mx.concatenate([self.lead, latent], axis=1)
+
     def _decode(self, latent_frames: mx.array) -> Iterator[FramesDecoded]:
         for i in range(latent_frames.shape[1]):
-            start = time.perf_counter()
-            if self.streams is None:
-                self.streams = [self.pipeline.vae.decode_stream(tile_size=self.settings.decode_tile_size,
-                                                                channels_last=True)
-                                for _ in range(self.settings.num_samples)]
-            frame = latent_frames[:, i].transpose(0, 2, 3, 1)
-            pixels = np.concatenate([np.array(stream.push(frame[row : row + 1]), dtype=np.float32)
-                                     for row, stream in enumerate(self.streams)])
-            self.pieces.append(pixels)
-            first, self.decoded = self.decoded, self.decoded + pixels.shape[1]
             self.latent_decoded += 1
-            _spend(self.timings, "decode", start)
-            yield FramesDecoded(first, self.decoded, self.settings.frames, np.clip(pixels, -1.0, 1.0))
+            if self.latent_decoded <= self.skip:
+                continue
+            if self.streams is None:
+                yield from self._open()
+            yield self._push(latent_frames[:, i])
+
+    def _open(self) -> Iterator[FramesDecoded]:
+        """The VAE's decode streams, one per sample, and the lead frames through them."""
+        self.streams = [self.pipeline.vae.decode_stream(tile_size=self.settings.decode_tile_size, channels_last=True)
+                        for _ in range(self.settings.num_samples)]
+        for i in range(0 if self.lead is None else self.lead.shape[1]):
+            yield self._push(self.lead[:, i])
+
+    def _push(self, latent_frame: mx.array) -> FramesDecoded:
+        start = time.perf_counter()
+        frame = latent_frame.transpose(0, 2, 3, 1)
+        pixels = np.concatenate([np.array(stream.push(frame[row : row + 1]), dtype=np.float32)
+                                 for row, stream in enumerate(self.streams)])
+        self.pieces.append(pixels)
+        first, self.decoded = self.decoded, self.decoded + pixels.shape[1]
+        _spend(self.timings, "decode", start)
+        return FramesDecoded(first, self.decoded, self.settings.frames, np.clip(pixels, -1.0, 1.0))
 
 
 _DONE = object()

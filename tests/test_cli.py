@@ -206,7 +206,7 @@ BAD_GENERATE = {
     "best-of-zero": (lambda f, tmp: ["--best-of", "0"], "--best-of"),
     "negative-seed": (lambda f, tmp: ["--seed", "-3"], "--seed"),
     "given-frames-without-video": (lambda f, tmp: ["--given-frames", "5"], "--given-frames"),
-    "given-from-without-video": (lambda f, tmp: ["--given-from", "start"], "--given-from go with --video"),
+    "given-from-without-video": (lambda f, tmp: ["--given-from", "start"], "--given-from goes with --video"),
     "image-and-video": (lambda f, tmp: ["--image", "a.png", "--video", "b.mp4"], "--video"),
 }
 

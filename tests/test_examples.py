@@ -51,6 +51,12 @@ CASES = {
     "video_to_video": ("video_to_video.py", "t2v", ["--video", "{video}", "--frames", "13", "--given-frames", "5"],
                        ("video", 13, 64, 64)),
     "long_video": ("long_video.py", "t2v", ["--context-length", "1"], ("video", 17, 64, 64)),
+    "edit_video": ("edit_video.py", "t2v", ["--video", "{video}"], ("video", 9, 64, 64)),
+    "last_frame": ("last_frame.py", "t2v", ["--image", "{image}"], ("video", 9, 64, 64)),
+    "extend_video": ("extend_video.py", "t2v", ["--video", "{video}", "--given-frames", "5", "--frames", "13"],
+                     ("video", 13, 64, 64)),
+    "inversion_edit": ("inversion_edit.py", "t2v", ["--video", "{video}", "--source-prompt", "a clip"],
+                       ("video", 9, 64, 64)),
     "score_and_best_of": ("score_and_best_of.py", "t2v", ["--n", "3", "--seed", "7"], ("video", 9, 64, 64)),
 }
 
@@ -86,7 +92,10 @@ def check_best_of(line: str, record: dict) -> None:
 def test_example_refuses_a_missing_model_in_one_line(script, tmp_path):
     out = tmp_path / "out.mp4"
     missing = tmp_path / "no-such-pipeline"
-    extra = {"image_to_video.py": ["--image", "x.png"], "video_to_video.py": ["--video", "x.mp4"]}.get(script, [])
+    extra = {"image_to_video.py": ["--image", "x.png"], "video_to_video.py": ["--video", "x.mp4"],
+             "edit_video.py": ["--video", "x.mp4"], "last_frame.py": ["--image", "x.png"],
+             "extend_video.py": ["--video", "x.mp4"],
+             "inversion_edit.py": ["--video", "x.mp4", "--source-prompt", "a clip"]}.get(script, [])
     done = run_example(script, PROMPT, "--model", str(missing), "--out", str(out), *extra)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

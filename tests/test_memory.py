@@ -463,7 +463,7 @@ BAD_PLAN = {
     "group-48": (["--q-bits", "4", "--q-group-size", "48"], "--q-group-size must be one of 32, 64, 128, got 48"),
     "samples-zero": (["--num-samples", "0"], "--num-samples must be"),
     "backend-tpu": (["--backend", "tpu"], "--backend must be one of 'cpu', 'gpu', got 'tpu'"),
-    "task-unknown": (["--task", "x2y"], "--task must be one of 't2v', 't2i', 'i2v', 'v2v', got 'x2y'"),
+    "task-unknown": (["--task", "x2y"], "--task must be one of 't2v', 't2i', 'i2v', 'v2v', 'edit', 'last', 'extend', 'inversion', got 'x2y'"),
     "image-model-video-task": (["--preset", "t2i-3b", "--task", "t2v"], "task t2v needs a video model"),
     "aspect-ratio": (["--aspect-ratio", "7:3"], "--aspect-ratio must be one of"),
     "untrained-aspect-ratio": (["--preset", "t2i-3b", "--task", "t2i", "--aspect-ratio", "16:9"],

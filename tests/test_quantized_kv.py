@@ -391,7 +391,7 @@ def test_the_record_scores_the_sample_through_the_sampler_kv_precision():
     pipeline = Pipeline.from_pretrained(dtype="float32")
     prompt = "a red square moving right"
     text = pipeline._encode([pipeline.template(prompt, pipeline.settings())])
-    for bits, bound in ((None, 0.0), (8, 1e-4), (4, 2e-3)):
+    for bits, bound in ((None, 0.0), (8, 5e-4), (4, 2e-2)):  # retrained model (issue 12): measured 2.2e-4, 1.3e-2
         result = pipeline.text_to_video(prompt, kv_bits=bits, seed=1)
         exact = float(pipeline.flow(result.sampled, text).bits_per_dim()[0])
         assert abs(result.record["bits_per_dim"][0] - exact) <= bound, bits

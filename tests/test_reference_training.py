@@ -123,7 +123,7 @@ def run_in_own_session(command: list[str], timeout: float, **kwargs) -> subproce
 
 def logged_losses(log: str) -> tuple[float, ...]:
     """(flow loss, bits/dim, denoiser loss) of the first step's log line."""
-    match = re.search(r"^step 1 loss (\S+) \((\S+) bits/dim\) denoiser (\S+) ", log, re.MULTILINE)
+    match = re.search(r"^step 1 \w+ loss (\S+) \((\S+) bits/dim\) denoiser (\S+) ", log, re.MULTILINE)
     assert match, log[-3000:]
     return tuple(map(float, match.groups()))
 
@@ -383,3 +383,59 @@ def test_caption_dropout_replaces_rows_by_the_empty_caption_at_its_rate(drop):
     for step, seed in ((8, 5), (7, 6)):
         other = train.global_batch(data, step=step, seed=seed, batch=batch, drop=drop)
         assert not torch.equal(other[0], x) and not torch.equal(other[2], noise)
+
+
+def task_data(clips: int = 6, captions: int = 3) -> dict:
+    """``dropout_data``-style rows whose values say where they came from: base clip i is the constant i, edit target
+    j the constant 100 + j, last-frame clip k the constant 200 + k; each task's text table is offset by its own
+    constant so a row's caption embedding tells which table it came from."""
+    data = dropout_data(clips, captions)
+    frames = data["mean"].shape[1:]
+    rows = np.arange(4, dtype=np.float32)[:, None, None, None, None]
+    data.update({
+        "edit_source": np.array([5, 0, 3, 1]), "edit_caption": np.array([2, 1, 0, 2]),
+        "edit_mean": np.broadcast_to(100 + rows, (4, *frames)).copy(), "edit_scale": np.zeros((4, *frames), np.float32),
+        "last_mean": np.broadcast_to(200 + rows, (4, frames[0] + 1, *frames[1:])).copy(),
+        "last_scale": np.zeros((4, frames[0] + 1, *frames[1:]), np.float32), "last_caption": np.array([0, 1, 2, 0]),
+        **{f"text_{task}": data["text"] + offset for task, offset in (("v2v", 10), ("last", 20), ("extend", 30))},
+    })
+    return data
+
+
+@pytest.mark.parametrize("task", ["t2v", "v2v", "last", "extend"])
+def test_task_batches_are_the_official_sequences_with_their_caption_prefix(task):
+    data = task_data()
+    x, text, _ = train.global_batch(data, step=3, seed=1, batch=8, drop=0.0, task=task)
+    x, text = x.numpy(), text.numpy()
+    frames = data["mean"].shape[1]
+    assert x.shape[1] == {"t2v": frames, "v2v": 2 * frames, "last": frames + 1, "extend": frames - 1}[task]
+    offset = {"t2v": 0, "v2v": 10, "last": 20, "extend": 30}[task]
+    for row, embedding in zip(x, text):
+        if task == "v2v":  # the source clip's frames, then its edit target's
+            target = int(row[-1].flat[0]) - 100
+            assert np.all(row[:frames] == data["edit_source"][target]) and np.all(row[frames:] == 100 + target)
+            caption = data["edit_caption"][target]
+        elif task == "last":  # the image latent first, then the clip, one stored sequence
+            caption = data["last_caption"][int(row[0].flat[0]) - 200]
+        else:
+            clip = int(row[0].flat[0])
+            assert np.all(row == clip)
+            caption = data["caption"][clip]
+        np.testing.assert_array_equal(embedding, data["text"][caption] + offset)
+
+
+def test_the_task_of_each_step_follows_the_mix_and_is_seeded():
+    mix = train.parse_task_mix("t2v=2,v2v=1,extend=1")
+    assert mix == {"t2v": 0.5, "v2v": 0.25, "extend": 0.25}
+    tasks = [train.step_task(mix, 0, step) for step in range(2000)]
+    assert tasks == [train.step_task(mix, 0, step) for step in range(2000)]
+    assert tasks != [train.step_task(mix, 1, step) for step in range(2000)]
+    shares = {t: tasks.count(t) / len(tasks) for t in mix}
+    assert all(abs(shares[t] - mix[t]) < 0.04 for t in mix), shares
+    assert {train.step_task({"t2v": 1.0}, 0, s) for s in range(50)} == {"t2v"}
+
+
+@pytest.mark.parametrize("text", ["t2v", "t2v=1,i2v=1", "edit=1"])
+def test_a_bad_task_mix_is_refused(text):
+    with pytest.raises(SystemExit, match="--task-mix"):
+        train.parse_task_mix(text)

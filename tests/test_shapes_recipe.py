@@ -10,6 +10,7 @@ import pytest
 
 from tests.reference.shapes import (
     ALL_CAPTIONS,
+    BACKGROUND,
     COLOURS,
     DIRECTIONS,
     HELD_OUT,
@@ -18,7 +19,12 @@ from tests.reference.shapes import (
     Caption,
     analyse,
     dataset,
+    dataset_motions,
+    draw,
+    edit,
+    edit_pair,
     render,
+    sample_motion,
 )
 
 torch = pytest.importorskip("torch")
@@ -91,3 +97,31 @@ def test_the_text_and_vae_stages_make_folders_the_converters_take(tmp_path):
     # the checkpoint a resumed run starts from
     state = torch.load(tmp_path / "vae" / "state.pth", weights_only=True)
     assert state["step"] == 2
+
+
+@pytest.mark.parametrize("attribute,value", [("colour", "blue"), ("direction", "left"), ("direction", "up"),
+                                             ("shape", "circle")])
+def test_an_edit_pair_shares_its_motion_and_changes_one_attribute(attribute, value):
+    source = "a red square moving right"
+    target = edit(source, attribute, value)
+    for seed in range(20):
+        motion = sample_motion(source, np.random.default_rng(seed))
+        before, after = edit_pair(source, target, motion)
+        np.testing.assert_array_equal(before, render(source, np.random.default_rng(seed)))
+        a, b = analyse(before), analyse(after)
+        assert (b.colour, b.direction) == (target.colour, target.direction)
+        assert abs(a.travel - b.travel) < 1.5  # the same speed
+        inside = (after != np.array(BACKGROUND, np.uint8)).any(-1)
+        assert inside.any((1, 2)).all()  # the moved track never leaves the frame
+        if attribute != "direction":
+            np.testing.assert_allclose(a.track, b.track, atol=0.5)  # the same place, frame by frame
+        elif value == "up":  # a perpendicular direction keeps the start where it fits
+            assert abs(a.track[0][0] - b.track[0][0]) < 0.5
+
+
+def test_the_data_with_motions_is_the_dataset():
+    clips, captions = dataset(TRAIN_CAPTIONS, 10, seed=3)
+    again, captions_again, motions = dataset_motions(TRAIN_CAPTIONS, 10, seed=3)
+    np.testing.assert_array_equal(clips, again)
+    assert captions == captions_again
+    np.testing.assert_array_equal(clips[4], draw(captions[4], motions[4]))

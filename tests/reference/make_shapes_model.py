@@ -4,8 +4,10 @@
 2. vae: a tiny Wan2.2-architecture VAE on the shapes clips (``train_vae``);
 3. the VAE and T5 converted to MLX (``starflow-mlx convert wan-vae|t5``) and the training clips encoded by them
    (``shapes_data``), so the flow trains on the latents and text embeddings the pipeline will produce;
-4. flow: the STARFlow-V recipe (``train``; ``--nproc N`` runs it under torchrun);
-5. ``starflow-mlx convert pipeline`` of the three into the package, with the shapes model's task defaults and its
+4. flow: the STARFlow-V recipe (``train``; ``--nproc N`` runs it under torchrun) on text to video;
+5. tasks: the data of the conditioned tasks (``shapes_tasks``: ``(v2v)`` edit pairs, ``(last)`` clips; ``(extend)``
+   is built from the text-to-video data) and the flow's training continued on the mix of all four;
+6. ``starflow-mlx convert pipeline`` of the three into the package, with the shapes model's task defaults and its
    provenance (training commands, the PyTorch checkpoint's sha256, training time).
 
     python -m tests.reference.make_shapes_model --work runs/shapes [--nproc 2] [--device cuda]
@@ -34,6 +36,8 @@ PACKAGE_MODEL = Path(__file__).resolve().parents[2] / "starflow_mlx" / "models" 
 # Task defaults of the shipped model where they differ from STARFlow-V's (chosen on held-out captions, see
 # BENCHMARKS.md): its guidance, and Jacobi blocks of one latent frame (16 tokens).
 DEFAULTS = {"guidance": 3.0, "jacobi_block_size": 16}
+# The tasks stage: the share of steps of each task (text to video stays the largest, so it is not forgotten).
+TASK_MIX = "t2v=0.3,v2v=0.35,last=0.15,extend=0.2"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
@@ -72,6 +76,10 @@ def main(argv=None):
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--flow-steps", type=int, default=4000)
     p.add_argument("--clips", type=int, default=6400, help="training clips of the flow")
+    p.add_argument("--edits", type=int, default=2400, help="edit pairs of the tasks stage")
+    p.add_argument("--last-clips", type=int, default=1200, help="last-frame clips of the tasks stage")
+    p.add_argument("--task-steps", type=int, default=3000, help="steps of the flow on the task mix")
+    p.add_argument("--task-mix", default=TASK_MIX)
     p.add_argument("--overwrite", action="store_true", help="replace --out")
     args = p.parse_args(argv)
     work, py = args.work, sys.executable
@@ -100,19 +108,28 @@ def main(argv=None):
     stage("data", data, [py, "-m", "tests.reference.shapes_data", "--vae", str(work / "vae-mlx"), "--t5",
                          str(work / "text-mlx"), "--txt-size", str(flow_config.txt_size), "--clips", str(args.clips),
                          "--out", str(data)], mlx=True)
-    train = ["-m", "tests.reference.train", "--data", str(data), "--out", str(work / "flow"), "--steps",
-             str(args.flow_steps), "--device", args.device]
-    if args.nproc > 1:
-        train = [py, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), *train]
-    else:
-        train = [py, *train]
-    stage("flow", work / "flow" / "model.pth", train)
+    def trainer(*options: str) -> list[str]:
+        train = ["-m", "tests.reference.train", "--data", str(data), *options, "--device", args.device]
+        if args.nproc > 1:
+            return [py, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), *train]
+        return [py, *train]
 
-    checkpoint = work / "flow" / "model.pth"
+    stage("flow", work / "flow" / "model.pth", trainer("--out", str(work / "flow"), "--steps", str(args.flow_steps)))
+    tasks = work / "shapes-tasks.npz"
+    stage("tasks-data", tasks, [py, "-m", "tests.reference.shapes_tasks", "--base", str(data), "--vae",
+                                str(work / "vae-mlx"), "--t5", str(work / "text-mlx"), "--txt-size",
+                                str(flow_config.txt_size), "--clips", str(args.clips), "--edits", str(args.edits),
+                                "--last", str(args.last_clips), "--out", str(tasks)], mlx=True)
+    stage("flow-tasks", work / "flow-tasks" / "model.pth",
+          trainer("--tasks", str(tasks), "--task-mix", args.task_mix, "--init", str(work / "flow" / "model.pth"),
+                  "--out", str(work / "flow-tasks"), "--steps", str(args.task_steps), "--lr", "3e-4", "--warmup", "50"))
+
+    checkpoint = work / "flow-tasks" / "model.pth"
     provenance = {
         "name": "starflow-mlx shapes",
         "description": "a small STARFlow-V trained by starflow-mlx on synthetic clips of coloured shapes moving in "
-                       "named directions ('a red square moving right'); see tests/reference/make_shapes_model.py",
+                       "named directions ('a red square moving right'), then on editing, last-frame and extension "
+                       "examples of them; see tests/reference/make_shapes_model.py",
         "checkpoint_sha256": sha256(checkpoint),
         "training_commands": commands,
         "recipe": "python -m tests.reference.make_shapes_model " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
@@ -122,7 +139,7 @@ def main(argv=None):
     (work / "times.json").write_text(json.dumps(provenance["training_seconds"]))
     (work / "provenance.json").write_text(json.dumps(provenance, indent=2))
     defaults = [a for k, v in DEFAULTS.items() for a in ("--default", f"{k}={json.dumps(v)}")]
-    run([*cli, "convert", "pipeline", "--flow", str(checkpoint), "--config", str(work / "flow" / "model.yaml"),
+    run([*cli, "convert", "pipeline", "--flow", str(checkpoint), "--config", str(work / "flow-tasks" / "model.yaml"),
          "--t5", str(work / "text-mlx"), "--vae", str(work / "vae-mlx"), "--dtype", "float16", *defaults,
          "--provenance", str(work / "provenance.json"), *(["--overwrite"] if args.overwrite else []), str(args.out)],
         log, mlx=True)

@@ -68,38 +68,100 @@ def _mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndar
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(caption: str | Caption, rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
-    """One clip (frames, size, size, 3) uint8 of ``caption``: random size, speed, start and a small colour jitter."""
+@dataclass(frozen=True)
+class Motion:
+    """What a clip draws besides its caption: the shape's radius, speed (pixels per frame), start centre (x, y)
+    and colour jitter. An edit pair shares one Motion between its two clips."""
+
+    radius: float
+    speed: float
+    start: tuple
+    jitter: tuple
+
+
+def _start_range(d: int, lo: float, hi: float, travel: float) -> tuple[float, float]:
+    """Where a track of ``travel`` pixels along sign ``d`` may start so that it stays inside [lo, hi]."""
+    if d > 0:
+        return lo, hi - travel
+    if d < 0:
+        return lo + travel, hi
+    return lo, hi
+
+
+def sample_motion(caption: str | Caption, rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE) -> Motion:
+    """A random size, speed, start (the whole track inside the frame) and colour jitter for ``caption``."""
     c = caption if isinstance(caption, Caption) else Caption.parse(caption)
     radius = rng.uniform(0.12, 0.16) * size
     speed = rng.uniform(0.35, 0.5) * size / max(frames - 1, 1)  # travel: a third to half of the frame
-    dx, dy = DIRECTIONS[c.direction]
     travel = speed * (frames - 1)
     lo, hi = radius + 1, size - radius - 1
-    # start so that the whole track stays inside the frame
-    start = []
-    for d in (dx, dy):
-        if d > 0:
-            start.append(rng.uniform(lo, hi - travel))
-        elif d < 0:
-            start.append(rng.uniform(lo + travel, hi))
-        else:
-            start.append(rng.uniform(lo, hi))
-    colour = np.clip(np.array(COLOURS[c.colour]) + rng.integers(-15, 16, 3), 0, 255).astype(np.uint8)
+    start = tuple(float(rng.uniform(*_start_range(d, lo, hi, travel))) for d in DIRECTIONS[c.direction])
+    jitter = tuple(int(j) for j in rng.integers(-15, 16, 3))
+    return Motion(float(radius), float(speed), start, jitter)
+
+
+def moved(motion: Motion, direction: str, frames: int = FRAMES, size: int = SIZE) -> Motion:
+    """``motion`` for a track in ``direction``: the same size, speed and colour, the start moved as little as
+    keeps the new track inside the frame."""
+    travel = motion.speed * (frames - 1)
+    lo, hi = motion.radius + 1, size - motion.radius - 1
+    start = tuple(float(np.clip(s, *_start_range(d, lo, hi, travel))) for s, d in zip(motion.start, DIRECTIONS[direction]))
+    return Motion(motion.radius, motion.speed, start, motion.jitter)
+
+
+def draw(caption: str | Caption, motion: Motion, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
+    """The clip (frames, size, size, 3) uint8 of ``caption`` moving as ``motion`` says."""
+    c = caption if isinstance(caption, Caption) else Caption.parse(caption)
+    dx, dy = DIRECTIONS[c.direction]
+    colour = np.clip(np.array(COLOURS[c.colour]) + np.array(motion.jitter), 0, 255).astype(np.uint8)
     clip = np.empty((frames, size, size, 3), np.uint8)
     clip[:] = np.array(BACKGROUND, np.uint8)
     for t in range(frames):
-        m = _mask(c.shape, start[0] + dx * speed * t, start[1] + dy * speed * t, radius, size)
-        clip[t][m] = colour
+        x, y = motion.start[0] + dx * motion.speed * t, motion.start[1] + dy * motion.speed * t
+        clip[t][_mask(c.shape, x, y, motion.radius, size)] = colour
     return clip
+
+
+def render(caption: str | Caption, rng: np.random.Generator, frames: int = FRAMES, size: int = SIZE) -> np.ndarray:
+    """One clip (frames, size, size, 3) uint8 of ``caption``: random size, speed, start and a small colour jitter."""
+    return draw(caption, sample_motion(caption, rng, frames, size), frames, size)
+
+
+ATTRIBUTES = ("colour", "shape", "direction")
+
+
+def edit(caption: str | Caption, attribute: str, value: str) -> Caption:
+    """``caption`` with one attribute (of ``ATTRIBUTES``) changed to ``value``."""
+    c = caption if isinstance(caption, Caption) else Caption.parse(caption)
+    return Caption(**{**c.__dict__, attribute: value})
+
+
+def edit_pair(source: str | Caption, target: str | Caption, motion: Motion, frames: int = FRAMES,
+              size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(source clip, target clip): the same motion, the target drawn with its own colour, shape and direction (a
+    new direction keeps the start wherever the new track fits)."""
+    t = target if isinstance(target, Caption) else Caption.parse(target)
+    return draw(source, motion, frames, size), draw(t, moved(motion, t.direction, frames, size), frames, size)
 
 
 def dataset(captions, count: int, seed: int, frames: int = FRAMES, size: int = SIZE):
     """``count`` clips cycling through ``captions`` (seeded): (clips uint8 (N, T, H, W, 3), list of captions)."""
+    clips, chosen, _ = dataset_motions(captions, count, seed, frames, size)
+    return clips, chosen
+
+
+def dataset_motions(captions, count: int, seed: int, frames: int = FRAMES, size: int = SIZE):
+    """``dataset`` and each clip's ``Motion``: (clips, captions, motions)."""
+    chosen, motions = captions_motions(captions, count, seed, frames, size)
+    return np.stack([draw(c, m, frames, size) for c, m in zip(chosen, motions)]), chosen, motions
+
+
+def captions_motions(captions, count: int, seed: int, frames: int = FRAMES, size: int = SIZE):
+    """The captions and motions of ``dataset``'s clips, without drawing them."""
     rng = np.random.default_rng(seed)
     captions = list(captions)
     chosen = [captions[i % len(captions)] for i in rng.permutation(count)]
-    return np.stack([render(c, rng, frames, size) for c in chosen]), chosen
+    return chosen, [sample_motion(c, rng, frames, size) for c in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------------

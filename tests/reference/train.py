@@ -179,16 +179,58 @@ def setup_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def global_batch(data: dict, step: int, seed: int, batch: int, drop: float):
+TASKS = ("t2v", "v2v", "last", "extend")
+
+
+def parse_task_mix(text: str) -> dict[str, float]:
+    """"t2v=0.4,v2v=0.3,..." -> {task: probability}, normalised; tasks of ``TASKS``."""
+    mix = {}
+    for item in text.split(","):
+        name, _, weight = item.partition("=")
+        if name not in TASKS or not weight:
+            raise SystemExit(f"--task-mix: {item!r} is not TASK=WEIGHT with TASK one of {', '.join(TASKS)}")
+        mix[name] = float(weight)
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
+
+
+def step_task(mix: dict[str, float], seed: int, step: int) -> str:
+    """The task of step ``step``: drawn from (seed, step) by the mix (one task per step: one sequence length)."""
+    if set(mix) == {"t2v"}:
+        return "t2v"
+    rng = np.random.default_rng([seed, step, 1])
+    return list(mix)[int(rng.choice(len(mix), p=list(mix.values())))]
+
+
+def task_rows(data: dict, task: str, rows_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(posterior mean, posterior std, caption index) of the rows ``rows_of(count)`` of ``task``'s clips: the
+    official sequences -- ``v2v`` the source's latent frames then the target's, ``last`` the image latent of the
+    frame after the clip then the clip's, ``extend`` a text-to-video clip without its first latent frame."""
+    if task == "v2v":
+        rows = rows_of(len(data["edit_mean"]))
+        source = data["edit_source"][rows]
+        return (np.concatenate([data["mean"][source], data["edit_mean"][rows]], 1),
+                np.concatenate([data["scale"][source], data["edit_scale"][rows]], 1), data["edit_caption"][rows])
+    if task == "last":
+        rows = rows_of(len(data["last_mean"]))
+        return data["last_mean"][rows], data["last_scale"][rows], data["last_caption"][rows]
+    rows = rows_of(len(data["mean"]))
+    mean, scale = data["mean"][rows], data["scale"][rows]
+    if task == "extend":
+        mean, scale = mean[:, 1:], scale[:, 1:]
+    return mean, scale, data["caption"][rows]
+
+
+def global_batch(data: dict, step: int, seed: int, batch: int, drop: float, task: str = "t2v"):
     """The step's global batch, drawn from (seed, step): latents sampled from the stored posteriors, noise ε,
-    caption embeddings with a fraction ``drop`` replaced by the empty caption's."""
+    caption embeddings (with ``task``'s caption prefix) with a fraction ``drop`` replaced by the empty caption's."""
     rng = np.random.default_rng([seed, step])
-    rows = rng.integers(0, len(data["mean"]), batch)
-    posterior = rng.standard_normal((batch, *data["mean"].shape[1:]), dtype=np.float32)
-    noise = rng.standard_normal((batch, *data["mean"].shape[1:]), dtype=np.float32)
+    mean, scale, captions = task_rows(data, task, lambda count: rng.integers(0, count, batch))
+    posterior = rng.standard_normal(mean.shape, dtype=np.float32)
+    noise = rng.standard_normal(mean.shape, dtype=np.float32)
     dropped = rng.random(batch) < drop
-    x = data["mean"][rows] + data["scale"][rows] * posterior
-    text = data["text"][data["caption"][rows]]
+    x = mean + scale * posterior
+    text = data["text" if task == "t2v" else f"text_{task}"][captions]
     text[dropped] = data["text_null"]
     return torch.from_numpy(x), torch.from_numpy(text), torch.from_numpy(noise)
 
@@ -218,6 +260,9 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--tasks", help="the .npz of tests.reference.shapes_tasks (edit pairs, last-frame clips)")
+    p.add_argument("--task-mix", default="t2v=1", help="TASK=WEIGHT,... of t2v, v2v, last, extend")
+    p.add_argument("--init", type=Path, help="start from these weights (a model.pth); ignored when resuming")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -234,10 +279,20 @@ def main(argv=None):
     config = load_official_yaml_text(yaml_text, out)
     with np.load(args.data) as f:
         data = {k: f[k] for k in f.files}
+    mix = parse_task_mix(args.task_mix)
+    if args.tasks:
+        with np.load(args.tasks) as f:
+            if list(f["captions"]) != list(data["captions"]):
+                raise SystemExit(f"{args.tasks} and {args.data} index different captions")
+            data.update({k: f[k] for k in f.files})
+    if set(mix) - {"t2v"} and not args.tasks:
+        raise SystemExit(f"--task-mix {args.task_mix} needs --tasks")
 
     torch.manual_seed(args.seed)
     model = StarFlow(config).to(device)
     optimizer = make_optimizer(model, args.lr, weight_decay=1e-4)
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     step, state_path = 0, out / "state.pth"
     if state_path.exists():
@@ -255,8 +310,9 @@ def main(argv=None):
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        task = step_task(mix, args.seed, step)
         x, text, noise = (t[rank * local : (rank + 1) * local].to(device)
-                          for t in global_batch(data, step, args.seed, args.batch, args.caption_dropout))
+                          for t in global_batch(data, step, args.seed, args.batch, args.caption_dropout, task))
         loss, denoiser_loss = training_step(model, optimizer, x, text, noise, config.noise_std, world)
         ema_update(ema, model, args.ema)
         step += 1
@@ -268,7 +324,7 @@ def main(argv=None):
             if rank == 0:
                 nll = losses[0].item() / loss_weight(config, config.noise_std)  # the loss carries the weight
                 bpd = (nll + GAUSSIAN_LOG_NORM) / math.log(2)
-                print(f"step {step} loss {losses[0].item():.4f} ({bpd:.3f} bits/dim) denoiser "
+                print(f"step {step} {task} loss {losses[0].item():.4f} ({bpd:.3f} bits/dim) denoiser "
                       f"{losses[1].item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s",
                       flush=True)
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
