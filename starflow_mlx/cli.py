@@ -221,7 +221,7 @@ def generate(args: argparse.Namespace) -> list[Sample]:
     memory_plan = _fit_memory(args, settings)
     pipeline = _load(args, low_memory=memory_plan.request.low_memory)
     memory_record = _apply_memory_plan(pipeline, memory_plan, settings)
-    task = _task(pipeline, args, settings)
+    task = _given_task(args, pipeline.video, settings)
     if out.suffix.lower() != _SUFFIX[task]:
         kind = "an image" if task == "t2i" else "a video"
         raise ValueError(f"--out {out}: task {task} makes {kind}, written as {_SUFFIX[task]}")
@@ -301,10 +301,6 @@ def _load(args: argparse.Namespace, low_memory: bool = False):
 def _check_group_size(args: argparse.Namespace) -> None:
     if args.q_group_size is not None and args.q_bits is None:
         raise ValueError("--q-group-size applies to quantizing at load: pass --q-bits 4 or 8 with it")
-
-
-def _task(pipeline, args: argparse.Namespace, settings: dict) -> str:
-    return _given_task(args, pipeline.video, settings)
 
 
 def _given_task(args: argparse.Namespace, video_model: bool, settings: dict) -> str:

@@ -407,7 +407,7 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     height, width = media.bucket_size(ratio if flow.mix_aspect else None, flow.img_size * spatial,
                                       spatial * flow.patch_size)
     h, w = height // spatial, width // spatial
-    T = _sampled_frames(r.task, (frames - 1) // temporal + 1)
+    T = sampled_frames(r.task, (frames - 1) // temporal + 1)
     p = flow.patch_size
     F = (h // p) * (w // p)
     guidance = r.guidance if r.guidance is not None else defaults.guidance
@@ -452,10 +452,16 @@ def _vae_factors(vae) -> tuple[int, int]:
     return 2 ** (len(vae.block_out_channels) - 1), 1
 
 
-def _sampled_frames(task: str, clip: int) -> int:
+def sampled_frames(task: str, clip: int) -> int:
     """The latent frames a task samples for an output clip of ``clip`` (``Pipeline._latent_shape``): an edit's
     source before it, last-frame conditioning's image, extension's without its first."""
     return {"edit": 2 * clip, "last": clip + 1, "extend": clip - 1}.get(task, clip)
+
+
+def trained_frames(task: str, clip: int) -> int:
+    """The latent frames of the sequences ``task`` was trained on, for a training clip of ``clip``: the clip, plus
+    an edit's source or last-frame conditioning's image."""
+    return sampled_frames(task, clip) if task in ("edit", "last") else clip
 
 
 def _window(model: ModelSpec, r: Request, T: int) -> Optional[int]:
@@ -465,7 +471,7 @@ def _window(model: ModelSpec, r: Request, T: int) -> Optional[int]:
         return None
     window = r.window if r.window is not None else model.flow.local_attn_window
     clip = (model.pipeline.frames - 1) // _vae_factors(model.vae)[1] + 1
-    trained = _sampled_frames(r.task, clip) if r.task in ("edit", "last") else clip
+    trained = trained_frames(r.task, clip)
     if window is None and T > trained:
         window = trained
     if window is None or window < 2 or window >= T:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from . import __version__, arguments, hub, media, prompts
+from . import __version__, arguments, hub, media, memory, prompts
 from .attention import KV_BITS, KV_GROUP_SIZES, resolve_kv_group_size
 from .config import MAX_FRAMES, Config, bounded, shown
 from .flow import QUANT_SKIP, StarFlow, load_flow
@@ -591,7 +591,7 @@ class Pipeline:
         yield _end("text", start, timings)
         self._release_after("text")
 
-        noise = mx.random.normal(self._latent_shape(settings, task, condition), key=keys[0])
+        noise = mx.random.normal(self._latent_shape(settings, task), key=keys[0])
         plan = _TaskLatents()
         if condition is not None:
             start = time.perf_counter()
@@ -690,7 +690,7 @@ class Pipeline:
         mx.eval(encoded)
         return encoded
 
-    def _latent_shape(self, settings: Settings, task: str = "t2v", condition=None) -> tuple[int, ...]:
+    def _latent_shape(self, settings: Settings, task: str = "t2v") -> tuple[int, ...]:
         """The sampled sequence: the output clip's latent frames, after the prefix frames of edit (the source's)
         and last (the image's), without the first of extend (kept out of the flow, as training dropped it)."""
         height, width = self.pixel_size(settings)
@@ -698,18 +698,10 @@ class Pipeline:
         grid = (channels, height // factor, width // factor)
         if not self.video:
             return (settings.num_samples, *grid)
-        frames = self.latent_frames(settings.frames)
-        if task in ("edit", "last"):
-            frames += self.latent_frames(condition.shape[0])
-        elif task == "extend":
-            frames -= 1
-        return (settings.num_samples, frames, *grid)
+        return (settings.num_samples, memory.sampled_frames(task, self.latent_frames(settings.frames)), *grid)
 
     def _trained_frames(self, task: str) -> int:
-        """The latent frames of the sequences ``task`` was trained on: the folder's clip, plus the source clip of an
-        edit or the image of last-frame conditioning."""
-        clip = self.latent_frames(self.config.frames)
-        return {"edit": 2 * clip, "last": clip + 1}.get(task, clip)
+        return memory.trained_frames(task, self.latent_frames(self.config.frames))
 
     def _window(self, noise: mx.array, settings: Settings, task: str = "t2v") -> dict:
         """The deep block's sliding window: ``settings.window``, else the model's own, or for a sequence longer than
@@ -880,8 +872,6 @@ class Pipeline:
         weights as this pipeline loads them (``dtype``, ``quantized_at_load``, the folder's stored dtypes and
         quantization) and ``self.low_memory``; ``overrides``: ``Settings`` fields; ``backend``: "cpu" or "gpu"
         (default: this machine's). Reads no weight (the folder's config files only) and allocates nothing."""
-        from . import memory
-
         task = _check_task(task)
         overrides = _task_overrides(task, overrides)
         settings = self.settings(**overrides)
