@@ -522,6 +522,8 @@ class Pipeline:
         self.check_prompt_length(self.template(prompt, settings, task))
         source = self._inversion_arguments(task, source_prompt, strength, settings)
         condition = self._condition(task, image, video, given_frames, given_from, settings)
+        if task == "inversion":
+            self._check_inversion_length(settings)
         events = self._events(task, prompt, settings, condition, given_from if task == "v2v" else None, source)
         skipped = {"prefix"} if condition is None else set()
         skipped |= set() if settings.denoise else {"denoise"}
@@ -550,6 +552,8 @@ class Pipeline:
                 raise ValueError(f"task {task} takes {'no image or video' if wanted is None else 'no ' + name}")
         if task not in ("v2v", "extend") and given_frames is not None:
             raise ValueError(f"given_frames is an argument of video_to_video and extend, not of task {task}")
+        if task != "v2v" and given_from != "end":
+            raise ValueError(f"given_from is an argument of video_to_video, not of task {task}")
         if wanted is None:
             return None
         if not self.video:
@@ -561,17 +565,24 @@ class Pipeline:
             return _read_image(image, size)[None]
         if task in ("edit", "inversion"):
             return _read_clip(video, size, settings.frames, settings.fps, from_end=False)
-        if given_from not in GIVEN_FROM or (task == "extend" and given_from != "end"):
-            choices = "end" if task == "extend" else ", ".join(GIVEN_FROM)
-            raise ValueError(f"given_from must be one of {choices}, got {given_from!r}")
-        given = self._given_frames(given_frames, settings)
+        if given_from not in GIVEN_FROM:
+            raise ValueError(f"given_from must be one of {', '.join(GIVEN_FROM)}, got {given_from!r}")
+        given = self._given_frames(given_frames, settings, task)
         return _read_clip(video, size, given, settings.fps, from_end=given_from == "end")
 
-    def _given_frames(self, given_frames, settings: Settings) -> int:
+    def _given_frames(self, given_frames, settings: Settings, task: str) -> int:
         step = self.vae_config.temporal_factor
+        # extend continues the given clip's latent frames after its first, so it needs two of them, and one to sample
+        least = 1 + step if task == "extend" else 1
         if given_frames is None:
-            return 1 + step * max(0, (self.latent_frames(settings.frames) // 2) - 1)
+            if task == "extend" and settings.frames < 1 + 2 * step:
+                raise ValueError(f"frames {settings.frames}: extend needs a longer clip, at least {1 + 2 * step} "
+                                 f"frames")
+            return max(least, 1 + step * max(0, (self.latent_frames(settings.frames) // 2) - 1))
         given = arguments.integer("given_frames", given_frames, 1)
+        if given < least:
+            raise ValueError(f"given_frames {given}: extend needs at least {least} frames (its first latent frame "
+                             f"is not continued)")
         if (given - 1) % step or given >= settings.frames:
             raise ValueError(f"given_frames {given} must be 1 + {step}k frames and fewer than frames "
                              f"{settings.frames}")
@@ -767,15 +778,20 @@ class Pipeline:
         frames = given.shape[1] if given.ndim == 5 else 1
         return _TaskLatents(given, prefix, frames if task in ("edit", "last") else 0, lead, frames)
 
+    def _check_inversion_length(self, settings: Settings):
+        """Inversion maps the source through one forward pass, which is the sampler's exact inverse only where the
+        deep block sees the whole clip: a clip that needs the sliding window is refused."""
+        shape = self._latent_shape(settings, "inversion")
+        if self._window(mx.zeros(shape), settings, "inversion"):
+            raise ValueError(f"frames {settings.frames}: inversion editing of {shape[1]} latent frames needs the deep "
+                             f"block's sliding window, which the forward pass does not invert exactly; use at most "
+                             f"{self._trained_frames('inversion')} latent frames ({self.config.frames} frames)")
+
     def _to_noise(self, given: mx.array, source_text: mx.array, text_null, settings: Settings, strength: float,
                   fresh: mx.array) -> mx.array:
         """Inversion: the flow's forward pass maps the noised source latent to its noise under the source caption,
         guided as the sampler will be (rows [cond; uncond] of the same latent: the deep block's guided affine is then
         the one the guided inverse applies), and ``strength`` of ``fresh`` noise is mixed in."""
-        if self._window(fresh, settings, "inversion"):
-            raise ValueError(f"inversion editing of {given.shape[1]} latent frames needs the deep block's sliding "
-                             f"window, which the forward pass does not invert exactly; use at most "
-                             f"{self._trained_frames('inversion')} latent frames ({self.config.frames} frames)")
         guidance = settings.guidance
         rows, text = given, source_text
         if guidance > 0:
@@ -941,23 +957,34 @@ def _task_overrides(task: str, overrides: dict) -> dict:
 
 def _read_image(source: Media, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) float32 in [-1, 1]."""
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[-1] != 3:
-            raise ValueError(f"image must be (H, W, 3), got shape {list(source.shape)}")
+    if _is_pixels("image", source, "(H, W, 3)"):
         return media.prepare_image(source, size)
     return media.read_image(source, size)
 
 
 def _read_clip(source: Media, size: tuple[int, int], frames: int, fps: int, from_end: bool = True) -> np.ndarray:
     """``frames`` frames (T, 3, H, W) float32 in [-1, 1]: the last ones (``from_end``) or the first ones."""
-    if isinstance(source, np.ndarray):
-        if source.ndim != 4 or source.shape[-1] != 3:
-            raise ValueError(f"video must be (T, H, W, 3) frames, got shape {list(source.shape)}")
+    if _is_pixels("video", source, "(T, H, W, 3)"):
         if source.shape[0] < frames:
             raise ValueError(f"video has {source.shape[0]} frames, {frames} are needed")
         picked = source[-frames:] if from_end else source[:frames]
         return np.stack([media.prepare_image(frame, size) for frame in picked])
     return media.read_video(source, size, frames, fps=fps or None, from_end=from_end).frames
+
+
+def _is_pixels(name: str, source, layout: str) -> bool:
+    """Whether ``source`` is pixels (a numpy array in ``layout``, "(H, W, 3)" or "(T, H, W, 3)", finite) rather
+    than a file path; anything else is refused in one line naming ``name``."""
+    if isinstance(source, (str, Path)):
+        return False
+    if not isinstance(source, np.ndarray):
+        raise ValueError(f"{name} must be a file path or a numpy array of {layout} pixels, got "
+                         f"{type(source).__name__}")
+    if source.ndim != layout.count(",") + 1 or source.shape[-1] != 3:
+        raise ValueError(f"{name} must be {layout} pixels, got shape {list(source.shape)}")
+    if np.issubdtype(source.dtype, np.floating) and not np.isfinite(source).all():
+        raise ValueError(f"{name} holds NaN or inf; pixels are uint8, or floats in [-1, 1]")
+    return True
 
 
 @dataclass

@@ -309,11 +309,18 @@ BAD_SETTINGS = {
     "image-for-t2v": ({"image": picture()}, "takes no image"),
     "i2v-without-image": ({"task": "i2v"}, "needs an image"),
     "v2v-without-video": ({"task": "v2v"}, "needs a video"),
-    "i2v-image-shape": ({"task": "i2v", "image": np.zeros((4, 4), np.uint8)}, "image must be (H, W, 3)"),
+    "i2v-image-shape": ({"task": "i2v", "image": np.zeros((4, 4), np.uint8)}, "image must be (H, W, 3) pixels"),
+    "i2v-image-not-pixels": ({"task": "i2v", "image": [[0, 0, 0]]}, "image must be a file path or a numpy array"),
+    "i2v-image-nan": ({"task": "i2v", "image": np.full((8, 8, 3), np.nan, np.float32)}, "image holds NaN"),
+    "v2v-video-shape": ({"task": "v2v", "video": np.zeros((9, 8, 8), np.uint8)}, "video must be (T, H, W, 3)"),
+    "v2v-video-inf": ({"task": "v2v", "video": np.full((9, 8, 8, 3), np.inf, np.float32)}, "video holds NaN"),
+    "v2v-video-not-pixels": ({"task": "v2v", "video": 3}, "video must be a file path or a numpy array"),
     "v2v-too-few-frames": (
         {"task": "v2v", "video": np.zeros((2, 8, 8, 3), np.uint8), "given_frames": 5}, "video has 2 frames"),
     "given-frames-not-decodable": (
         {"task": "v2v", "video": np.zeros((9, 8, 8, 3), np.uint8), "given_frames": 4}, "given_frames 4"),
+    "given-from-for-i2v": ({"task": "i2v", "image": picture(), "given_from": "start"},
+                           "given_from is an argument of video_to_video, not of task i2v"),
     "given-frames-all": (
         {"task": "v2v", "video": np.zeros((9, 8, 8, 3), np.uint8), "given_frames": 9}, "given_frames 9"),
 }
