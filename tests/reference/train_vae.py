@@ -7,9 +7,6 @@ the temporal caches between chunks are trained; generation decodes longer clips 
 
     python -m tests.reference.train_vae --steps 1500 --out runs/vae
 
-``--decoder-of DIR`` fine-tunes the decoder of a trained VAE (a diffusers folder) with its encoder frozen: the
-latents, so everything trained on them, stay as they were, and the decoder gets the steps the first run lacked.
-
 Seeded; saves ``state.pth`` (model, optimizer, step) every ``--save-every`` steps and resumes from it; writes the
 trained VAE as a diffusers folder ``OUT/diffusers`` with per-channel latent statistics (``latents_mean`` /
 ``latents_std`` over the training clips) in its config.
@@ -45,9 +42,8 @@ def to_pixels(clips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, frozen_encoder: bool = False):
-    with torch.set_grad_enabled(not frozen_encoder):
-        posterior = vae.encode(x).latent_dist
+def vae_loss(vae, x: torch.Tensor, kl_weight: float):
+    posterior = vae.encode(x).latent_dist
     rec = vae.decode(posterior.sample()).sample
     background = torch.tensor(BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
     weight = 1 + 4 * ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
@@ -78,7 +74,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--decoder-of", type=Path, help="a trained VAE (diffusers folder): fine-tune its decoder only")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.threads:
@@ -88,17 +83,8 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     clips, _ = dataset(TRAIN_CAPTIONS, args.clips, seed=args.seed)
-    if args.decoder_of is None:
-        vae = make_vae()
-        trained = list(vae.parameters())
-    else:
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(args.decoder_of)
-        for module in (vae.encoder, vae.quant_conv):
-            module.requires_grad_(False)
-        trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    opt = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-4)
     sched = lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1)))  # noqa: E731
     state_path, step = out / "state.pth", 0
     if state_path.exists():
@@ -117,10 +103,10 @@ def main(argv=None):
         t0 = rng.integers(0, clips.shape[1] - args.frames + 1)
         x = to_pixels(clips[idx, t0 : t0 + args.frames])
         vae.train()
-        loss, recon = vae_loss(vae, x, args.kl_weight, frozen_encoder=args.decoder_of is not None)
+        loss, recon = vae_loss(vae, x, args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
         if step % 25 == 0 or step == 1:
@@ -132,9 +118,8 @@ def main(argv=None):
             rng = np.random.default_rng([args.seed, step])  # a resumed run draws the same batches from here
 
     vae.eval()
-    if args.decoder_of is None:  # a fine-tuned decoder keeps the encoder's statistics with the encoder
-        mean, std = latent_statistics(vae, clips[:512])
-        vae.register_to_config(latents_mean=mean, latents_std=std)
+    mean, std = latent_statistics(vae, clips[:512])
+    vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(out / "diffusers")
     print(f"wrote {out / 'diffusers'}; training time {time.time() - start:.0f}s")
 
