@@ -6,7 +6,7 @@
   target), at each ``--strength``;
 - last frame (``(last)``): the clip ends where the given image has the object, with its colour, moving as captioned;
 - extension (``(extend)``): the first 9 frames of a clip extended to 17; the new frames keep the object and its
-  direction.
+  direction, and the caption's colour or the one the VAE gives the true continuation (also: the caption's alone).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/bench_shapes_tasks.py [--seeds 2]
 """
@@ -38,6 +38,7 @@ def main():
         "edit": lambda: edit_accuracy(pipeline, seeds),
         "last frame": lambda: last_frame_accuracy(pipeline, HELD_OUT, seeds),
         "extension": lambda: extension_accuracy(pipeline, HELD_OUT, seeds),
+        "extension, caption colour": lambda: extension_accuracy(pipeline, HELD_OUT, seeds, vae_colour=False),
         **{f"inversion strength {s:g}": (lambda s=s: edit_accuracy(pipeline, seeds, method="inversion", strength=s))
            for s in args.strength},
     }

