@@ -412,6 +412,10 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     F = (h // p) * (w // p)
     guidance = r.guidance if r.guidance is not None else defaults.guidance
     window = _window(model, r, T)
+    if r.task == "inversion" and window is not None:
+        # as Pipeline._check_inversion_length: generation refuses it, so a plan of it would plan nothing that runs
+        raise ValueError(f"inversion editing of {T} latent frames needs the deep block's sliding window (window "
+                         f"{window}), which the forward pass does not invert exactly")
     context = r.context_length if r.context_length is not None else defaults.context_length
     overlap = 0 if window is None else min(context, window - 1)
     given = 0
@@ -421,11 +425,13 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
         given = T // 2
     elif r.task in ("v2v", "extend"):
         clip = (frames - 1) // temporal + 1
-        pixel_given = r.given_frames if r.given_frames is not None else 1 + temporal * max(0, clip // 2 - 1)
+        pixel_given = _given_frames(r, frames, clip, temporal)
         given = (pixel_given - 1) // temporal + 1
         if given >= clip:
             raise ValueError(f"given_frames {pixel_given} must be fewer than frames {frames}")
         given -= r.task == "extend"  # its first latent frame goes to the decoder, not the flow
+    if r.given_frames is not None and r.task not in ("v2v", "extend"):
+        raise ValueError(f"given_frames is an argument of video_to_video and extend, not of task {r.task}")
     # inversion samples with the sequential inverse unless told (``Pipeline.inversion_edit``: the exact round trip)
     jacobi = r.jacobi if r.jacobi is not None else defaults.jacobi and r.task != "inversion"
     block = (r.jacobi_block_size or defaults.jacobi_block_size) if jacobi else 1
@@ -444,6 +450,25 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
         streamed=bool(r.stream_frames and local_video and (learnable or not denoise)), learnable=learnable,
         denoise=denoise, denoise_steps=min(T, _denoise_window(model, r, T) or flow.local_attn_window or T),
     )
+
+
+def _given_frames(r: Request, frames: int, clip: int, temporal: int) -> int:
+    """The pixel frames v2v / extend give, as ``Pipeline._given_frames`` takes them (same rule, same refusals).
+    The default was ``1 + temporal * max(0, clip // 2 - 1)`` alone, which for extend of a short clip (9 frames: 1)
+    planned no prefix at all while the generation gives 5 frames (its first latent frame, dropped, and one more):
+    extend needs two latent frames of the given clip."""
+    least = 1 + temporal if r.task == "extend" else 1
+    if r.given_frames is None:
+        if r.task == "extend" and frames < 1 + 2 * temporal:
+            raise ValueError(f"frames {frames}: extend needs a longer clip, at least {1 + 2 * temporal} frames")
+        return max(least, 1 + temporal * max(0, clip // 2 - 1))
+    given = r.given_frames
+    if given < least:
+        raise ValueError(f"given_frames {given}: extend needs at least {least} frames (its first latent frame is "
+                         f"not continued)")
+    if (given - 1) % temporal:
+        raise ValueError(f"given_frames {given} must be 1 + {temporal}k frames and fewer than frames {frames}")
+    return given
 
 
 def _vae_factors(vae) -> tuple[int, int]:

@@ -782,7 +782,16 @@ class Pipeline:
         """Inversion maps the source through one forward pass, which is the sampler's exact inverse only where the
         deep block sees the whole clip: a clip that needs the sliding window is refused."""
         shape = self._latent_shape(settings, "inversion")
-        if self._window(mx.zeros(shape), settings, "inversion"):
+        # a window that holds the whole clip never moves (the sampler is then the whole-clip inverse, as the
+        # planner's ``memory._window`` counts it): only a shorter one is refused. ``_window`` returns a given
+        # ``settings.window`` whatever its size, and refusing any window refused exact inversions with a message
+        # asking for the frame count they already had.
+        window = self._window(mx.zeros(shape), settings, "inversion").get("window")
+        if window is not None and window < shape[1]:
+            if settings.window is not None:
+                raise ValueError(f"window {settings.window}: inversion editing of {shape[1]} latent frames needs the "
+                                 f"deep block to see the whole clip (the forward pass does not invert a sliding "
+                                 f"window exactly); use window {shape[1]} or more, or None")
             raise ValueError(f"frames {settings.frames}: inversion editing of {shape[1]} latent frames needs the deep "
                              f"block's sliding window, which the forward pass does not invert exactly; use at most "
                              f"{self._trained_frames('inversion')} latent frames ({self.config.frames} frames)")
