@@ -424,11 +424,7 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     elif r.task == "edit":
         given = T // 2
     elif r.task in ("v2v", "extend"):
-        clip = (frames - 1) // temporal + 1
-        pixel_given = _given_frames(r, frames, clip, temporal)
-        given = (pixel_given - 1) // temporal + 1
-        if given >= clip:
-            raise ValueError(f"given_frames {pixel_given} must be fewer than frames {frames}")
+        given = (given_frames(r.task, r.given_frames, frames, temporal) - 1) // temporal + 1
         given -= r.task == "extend"  # its first latent frame goes to the decoder, not the flow
     if r.given_frames is not None and r.task not in ("v2v", "extend"):
         raise ValueError(f"given_frames is an argument of video_to_video and extend, not of task {r.task}")
@@ -452,21 +448,20 @@ def _shape(model: ModelSpec, r: Request) -> _Shape:
     )
 
 
-def _given_frames(r: Request, frames: int, clip: int, temporal: int) -> int:
-    """The pixel frames v2v / extend give, as ``Pipeline._given_frames`` takes them (same rule, same refusals).
-    The default was ``1 + temporal * max(0, clip // 2 - 1)`` alone, which for extend of a short clip (9 frames: 1)
-    planned no prefix at all while the generation gives 5 frames (its first latent frame, dropped, and one more):
-    extend needs two latent frames of the given clip."""
-    least = 1 + temporal if r.task == "extend" else 1
-    if r.given_frames is None:
-        if r.task == "extend" and frames < 1 + 2 * temporal:
+def given_frames(task: str, given: int | None, frames: int, temporal: int) -> int:
+    """The pixel frames of the given clip that video-to-video and extension keep (``Pipeline`` and the planner
+    both): ``given``, checked, else the longest 1 + ``temporal``·k up to half the clip. Extension continues the
+    given latent frames after the first, so it needs two of them."""
+    least = 1 + temporal if task == "extend" else 1
+    if given is None:
+        if task == "extend" and frames < 1 + 2 * temporal:
             raise ValueError(f"frames {frames}: extend needs a longer clip, at least {1 + 2 * temporal} frames")
+        clip = (frames - 1) // temporal + 1
         return max(least, 1 + temporal * max(0, clip // 2 - 1))
-    given = r.given_frames
     if given < least:
         raise ValueError(f"given_frames {given}: extend needs at least {least} frames (its first latent frame is "
                          f"not continued)")
-    if (given - 1) % temporal:
+    if (given - 1) % temporal or given >= frames:
         raise ValueError(f"given_frames {given} must be 1 + {temporal}k frames and fewer than frames {frames}")
     return given
 

@@ -567,26 +567,10 @@ class Pipeline:
             return _read_clip(video, size, settings.frames, settings.fps, from_end=False)
         if given_from not in GIVEN_FROM:
             raise ValueError(f"given_from must be one of {', '.join(GIVEN_FROM)}, got {given_from!r}")
-        given = self._given_frames(given_frames, settings, task)
+        if given_frames is not None:
+            given_frames = arguments.integer("given_frames", given_frames, 1)
+        given = memory.given_frames(task, given_frames, settings.frames, self.vae_config.temporal_factor)
         return _read_clip(video, size, given, settings.fps, from_end=given_from == "end")
-
-    def _given_frames(self, given_frames, settings: Settings, task: str) -> int:
-        step = self.vae_config.temporal_factor
-        # extend continues the given clip's latent frames after its first, so it needs two of them, and one to sample
-        least = 1 + step if task == "extend" else 1
-        if given_frames is None:
-            if task == "extend" and settings.frames < 1 + 2 * step:
-                raise ValueError(f"frames {settings.frames}: extend needs a longer clip, at least {1 + 2 * step} "
-                                 f"frames")
-            return max(least, 1 + step * max(0, (self.latent_frames(settings.frames) // 2) - 1))
-        given = arguments.integer("given_frames", given_frames, 1)
-        if given < least:
-            raise ValueError(f"given_frames {given}: extend needs at least {least} frames (its first latent frame "
-                             f"is not continued)")
-        if (given - 1) % step or given >= settings.frames:
-            raise ValueError(f"given_frames {given} must be 1 + {step}k frames and fewer than frames "
-                             f"{settings.frames}")
-        return given
 
     def _events(self, task, prompt, settings: Settings, condition, given_from, source) -> Iterator[PipelineEvent]:
         keys = mx.random.split(mx.random.key(settings.seed), 3)  # noise, conditioning σ noise, VAE posterior

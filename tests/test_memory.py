@@ -562,7 +562,7 @@ BAD_LIBRARY = {
     "request-not-a-request": (lambda spec: memory.plan(spec, {"task": "t2v"}), "request must be a memory.Request"),
     "preset-unknown": (lambda spec: memory.preset("huge"), "preset must be one of t2v-7b, t2i-3b"),
     "v2v-given-all": (lambda spec: memory.plan(spec, memory.Request(task="v2v", frames=9, given_frames=9)),
-                      "given_frames 9 must be fewer than frames 9"),
+                      "given_frames 9 must be 1 + 4k frames and fewer than frames 9"),
 }
 
 

@@ -286,7 +286,7 @@ def test_plan_samples_the_tasks_sequence(shapes, task, frames, given_frames, lat
         "inversion-9-frames"])
 def test_plan_and_generation_agree_on_the_sequence(shapes, task, overrides):
     """The planner's sequence, prefix and window are the generation's (an extension of 9 frames gives 5 of them:
-    planned without a prefix before the fix in ``memory._given_frames``)."""
+    planned without a prefix before the fix in ``memory.given_frames``)."""
     plan = shapes.plan(task, **overrides)
     result, events = run(shapes, task, denoise=False, **overrides)
     assert plan.shape["latent_frames"] == result.record["latent_shape"][1] == result.sampled.shape[1]
