@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(commands)
     _add_info(commands)
     _add_plan(commands)
+    _add_helper(commands)
     return parser
 
 
@@ -614,6 +615,28 @@ def plan(args: argparse.Namespace) -> dict:
         lines.append(f"  fits within the limit of {memory.format_bytes(limit)}")
     _print("\n".join(lines))
     return description
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helper
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_helper(commands) -> None:
+    p = commands.add_parser(
+        "helper", help="serve an app over stdin/stdout: JSON lines (hello, load, plan, generate, score, cancel, ...)",
+        description="A long-lived process for apps: one JSON request per line on stdin, one JSON event per line on "
+        "stdout, logs on stderr. The protocol is in starflow_mlx/helper.py and its schema in "
+        "starflow_mlx/schema/helper.schema.json.",
+    )
+    p.set_defaults(func=helper)
+
+
+def helper(args: argparse.Namespace) -> int:
+    """``starflow-mlx helper``: serve until EOF on stdin or a ``shutdown`` request."""
+    from . import helper as helper_process
+
+    return helper_process.main([])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def test_wheel_and_sdist_carry_the_model_and_an_installed_wheel_finds_it(stand_i
         models = {name: _sha256(packed.read(name)) for name in packed.namelist()
                   if name.startswith("starflow_mlx/models/")}
         assert models == files
+        assert "starflow_mlx/schema/helper.schema.json" in packed.namelist()  # the helper protocol's, for apps
         packed.extractall(tmp_path / "site")  # the layout pip installs into site-packages
 
     script = "from setuptools import build_meta; print(build_meta.build_sdist('sdist'))"
