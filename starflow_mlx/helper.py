@@ -31,6 +31,7 @@ import math
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -41,10 +42,11 @@ PROTOCOL = 1
 MAX_LINE_BYTES = 1 << 20  # a request is parameters, never media
 MAX_DEPTH = 16
 MAX_ID_LENGTH = 256
+MAX_QUEUED = 256  # jobs waiting: a flood of requests is refused, not buffered without end
 METHODS = ("hello", "load", "plan", "generate", "score", "cancel", "unload", "shutdown")
 JOBS = ("load", "plan", "generate", "score", "unload")
 ERROR_CODES = ("parse_error", "invalid_request", "unknown_method", "bad_params", "not_loaded", "not_found",
-               "path_refused", "load_failed", "job_failed", "internal")
+               "path_refused", "queue_full", "duplicate_id", "load_failed", "job_failed", "internal")
 SCHEMA = Path(__file__).with_name("schema") / "helper.schema.json"
 
 log = logging.getLogger("starflow_mlx.helper")
@@ -282,6 +284,10 @@ class Helper:
 
     def submit(self, job: Job) -> None:
         with self.lock:
+            if any(other.id == job.id for other in [*self.waiting, *filter(None, [self.running])]):
+                raise RequestError("duplicate_id", f"a queued or running job has id {job.id!r} already")
+            if len(self.waiting) >= MAX_QUEUED:
+                raise RequestError("queue_full", f"{MAX_QUEUED} jobs are queued already; wait for some to finish")
             ahead = len(self.waiting) + (self.running is not None)
             self.waiting.append(job)
         self.events.emit(job.id, "accepted", method=job.method, ahead=ahead)
@@ -544,9 +550,14 @@ def _read_lines(stream, handle: Callable[[bytes], None], too_long: Callable[[], 
 
 
 def serve(stdin, stdout) -> int:
-    """Serve requests from ``stdin`` (bytes) until EOF or ``shutdown``; events to ``stdout`` (text)."""
+    """Serve requests from ``stdin`` (bytes) until EOF, ``shutdown`` or SIGTERM; events to ``stdout`` (text).
+    Returns the exit status: 0, or 143 after SIGTERM (the running job cancelled and cleaned up first)."""
     events = Events(stdout)
     helper = Helper(events)
+    terminated = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # an app ends its helper with SIGTERM (``Process.terminate()``): stop as on EOF, cleaning up, not mid-write
+        signal.signal(signal.SIGTERM, lambda *_: (terminated.set(), helper.stop()))
     helper.worker.start()
     reader = threading.Thread(target=_read_lines, daemon=True, name="starflow-helper-reader", args=(
         stdin, helper.handle_line,
@@ -557,7 +568,7 @@ def serve(stdin, stdout) -> int:
     if not helper.stopping.is_set():  # EOF
         helper.stop()
     helper.worker.join()
-    return 0
+    return 143 if terminated.is_set() else 0
 
 
 def main(argv=None) -> int:

@@ -198,6 +198,21 @@ def test_cancel_stops_the_running_job_and_deletes_its_output(helper, tmp_path):
     _alive(helper)
 
 
+def test_a_duplicate_id_and_a_full_queue_are_refused(helper, tmp_path):
+    helper.send({"id": "slow", "method": "generate", "params": _generate_params(
+        tmp_path, settings={"frames": 41, "jacobi": False}, frames=False)})
+    helper.until("slow", final=("accepted",))
+    duplicate = _error(helper.call("slow", "plan"))
+    assert duplicate["code"] == "duplicate_id"
+    for n in range(helper_module.MAX_QUEUED):
+        helper.send({"id": f"plan-{n}", "method": "plan"})
+    full = _error(helper.call("one-too-many", "plan"))
+    assert full["code"] == "queue_full"
+    helper.call("stop-slow", "cancel", target="slow")
+    helper.wait_for(lambda lines: next((e for e in lines if e["id"] == "slow" and e["event"] == "cancelled"), None))
+    assert all(_answer(helper.until(f"plan-{n}"))["plan"] for n in range(helper_module.MAX_QUEUED))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals: an error event, and the helper goes on serving
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,6 +348,17 @@ def test_eof_shuts_down_cleanly_and_leaves_no_child(tmp_path):
                                         "running": True}
     assert list(tmp_path.iterdir()) == []
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
+def test_sigterm_cancels_cleans_up_and_exits_143(tmp_path):
+    process = HelperProcess()
+    process.call("load", "load")
+    process.send({"id": "job", "method": "generate", "params": _generate_params(tmp_path, settings={"frames": 41})})
+    process.until("job", final=("frame",))
+    process.proc.terminate()
+    assert process.proc.wait(timeout=60) == 143
+    assert process.until("job")[-1]["event"] == "cancelled"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shutdown_answers_then_exits_even_with_stdin_open():
