@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import signal
 import sys
@@ -242,10 +241,10 @@ class Helper:
         self.events = events
         self.pipeline = None
         self.model = None
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.waiting: list[Job] = []  # the queue's jobs in order, for cancel and ``accepted``
+        self.waiting: list[Job] = []  # the queue, in order
         self.running: Optional[Job] = None
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # a job queued, or stopping
         self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, name="starflow-helper-worker", daemon=True)
 
@@ -290,8 +289,9 @@ class Helper:
                 raise RequestError("queue_full", f"{MAX_QUEUED} jobs are queued already; wait for some to finish")
             ahead = len(self.waiting) + (self.running is not None)
             self.waiting.append(job)
-        self.events.emit(job.id, "accepted", method=job.method, ahead=ahead)
-        self.jobs.put(job)
+            # said before the worker can take it, so ``accepted`` always comes first
+            self.events.emit(job.id, "accepted", method=job.method, ahead=ahead)
+            self.changed.notify()
 
     def cancel(self, params: dict) -> dict:
         target = _take(params, {"target": ((int, str), _REQUIRED)})["target"]
@@ -317,19 +317,16 @@ class Helper:
             self.waiting.clear()
             if self.running is not None:
                 self.running.cancel.set()
-        self.jobs.put(None)
+            self.changed.notify()
 
     # ---- the worker's side ----
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            with self.lock:
-                if job not in self.waiting:  # cancelled while queued
-                    continue
-                self.waiting.remove(job)
-                self.running = job
+            with self.changed:
+                self.changed.wait_for(lambda: self.waiting or self.stopping.is_set())
+                if self.stopping.is_set():
+                    return
+                job = self.running = self.waiting.pop(0)
             try:
                 outcome = getattr(self, "_" + job.method)(job)
                 self.events.emit(job.id, "result", **outcome)
@@ -401,13 +398,13 @@ class Helper:
         pipeline = self._loaded()
         task = p["task"]
         suffix = ".png" if task == "t2i" else ".mp4"
+        if p["name"] is not None and not p["name"].lower().endswith(suffix):
+            raise RequestError("bad_params", f"name {p['name'][:80]!r} must end in {suffix} for task {task}")
         path = output_path(p["out_dir"], p["name"] or f"{_file_stem(job.id)}{suffix}")
-        if path.exists() and not p["overwrite"]:
-            raise RequestError("path_refused", f"{path} exists (overwrite: true replaces it)")
         frames_dir = path.with_name(path.stem + ".frames") if p["frames"] else None
-        if frames_dir is not None and frames_dir.exists():
-            if not p["overwrite"]:
-                raise RequestError("path_refused", f"{frames_dir} exists (overwrite: true replaces it)")
+        for existing in (path, frames_dir):
+            if existing is not None and existing.exists() and not p["overwrite"]:
+                raise RequestError("path_refused", f"{existing} exists (overwrite: true replaces it)")
         conditions = {k: p[k] for k in ("image", "video", "given_frames", "source_prompt", "strength")
                       if p[k] is not None}
         if p["given_from"] != "end":
@@ -415,14 +412,16 @@ class Helper:
         settings = _settings(p["settings"], "generate", ("prompt", "task", "image", "video", "given_frames",
                                                          "given_from", "source_prompt", "strength"))
         events = pipeline.stream(p["prompt"], task, **conditions, **settings)  # checked before any work
-        written: list[Path] = []
+        fps = None if task == "t2i" else pipeline.settings(**settings).fps
+        if frames_dir is not None:
+            if frames_dir.exists():  # overwrite: replaced; a link is refused by rmtree, nothing outside is touched
+                shutil.rmtree(frames_dir)
+            frames_dir.mkdir()
         try:
-            result = self._consume(job, pipeline, events, path, frames_dir, written, p["overwrite"])
+            result = self._consume(job, pipeline, events, path, fps, frames_dir, p["overwrite"])
         except BaseException:
-            for frame in written:
-                frame.unlink(missing_ok=True)
-            if frames_dir is not None and frames_dir.exists() and not any(frames_dir.iterdir()):
-                frames_dir.rmdir()
+            if frames_dir is not None:  # this job's folder, made above
+                shutil.rmtree(frames_dir, ignore_errors=True)
             raise
         record = result.record
         return {"path": str(result.path), "frames_dir": None if frames_dir is None else str(frames_dir),
@@ -430,46 +429,37 @@ class Helper:
                 "seed": record["settings"]["seed"], "timings": record.get("timings"),
                 "bits_per_dim": record.get("bits_per_dim"), "record": record}
 
-    def _consume(self, job, pipeline, events, path: Path, frames_dir: Optional[Path], written: list, overwrite: bool):
+    def _consume(self, job, pipeline, events, path: Path, fps: Optional[int], frames_dir: Optional[Path],
+                 overwrite: bool):
+        """The events of one generation: progress, each frame into the mp4 (``fps``; None: an image, written at
+        the end) and, with ``frames_dir``, a PNG per frame as it comes. A failure or cancel leaves no mp4
+        (``VideoWriter`` aborts)."""
         from . import media
         from .pipeline import FramesDecoded, Generated
 
-        progress = _Progress(self.events, job.id, pipeline.flow_config.num_blocks - 1)
-        if frames_dir is not None:
-            if overwrite and frames_dir.exists():
-                shutil.rmtree(frames_dir)
-            frames_dir.mkdir()
-        video = None
+        progress = _Progress(self.events, job.id, deep_block=pipeline.flow_config.num_blocks - 1)
         with contextlib.ExitStack() as stack:
             stack.enter_context(contextlib.closing(events))
+            video = None if fps is None else stack.enter_context(media.VideoWriter(path, fps, overwrite=overwrite))
             for event in events:
                 if job.cancel.is_set():
                     raise JobCancelled()
                 progress.update(event)
                 if isinstance(event, FramesDecoded):
-                    for offset, frame in enumerate(event.frames[0]):
-                        index = event.start + offset
-                        if path.suffix == ".mp4":
-                            if video is None:
-                                fps = pipeline.settings(**job.params.get("settings", {})).fps
-                                video = stack.enter_context(media.VideoWriter(path, fps, overwrite=overwrite))
+                    for index, frame in enumerate(event.frames[0], start=event.start):
+                        if video is not None:
                             video.write(frame)
                         if frames_dir is not None:
                             png = frames_dir / f"frame_{index:05d}.png"
                             _write_png(png, frame)
-                            written.append(png)
                             self.events.emit(job.id, "frame", index=index, total=event.total, path=str(png))
                 if isinstance(event, Generated):
                     result = event.result
                     if video is not None:
-                        written_path = video.close(result.record)
-                    elif path.suffix == ".png":
-                        written_path = media.write_image(path, result.frames[0][0], result.record,
-                                                         overwrite=overwrite)
+                        written = video.close(result.record)
                     else:
-                        written_path = media.write_video(path, result.frames[0], result.record["settings"]["fps"],
-                                                         result.record, overwrite=overwrite)
-                    return _Written(written_path, result.record, result.frames.shape[1])
+                        written = media.write_image(path, result.frames[0][0], result.record, overwrite=overwrite)
+                    return _Written(written, result.record, result.frames.shape[1])
         raise RuntimeError("the generation stream ended without a result")
 
 
@@ -500,8 +490,8 @@ class _Progress:
     """``progress`` events from pipeline events: per stage, its units done of its total, and MLX's peak memory;
     one event per change of ``done`` (the deep block's chunks are many)."""
 
-    def __init__(self, events: Events, request_id, shallow_blocks: int):
-        self.events, self.id, self.deep_block = events, request_id, shallow_blocks
+    def __init__(self, events: Events, request_id, deep_block: int):
+        self.events, self.id, self.deep_block = events, request_id, deep_block
         self.stage, self.total, self.done = None, None, -1
 
     def update(self, event) -> None:

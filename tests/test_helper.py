@@ -271,6 +271,7 @@ BAD_JOBS = {
     "dot-dot": ({"name": "../escape.mp4"}, "path_refused", "plain file name"),
     "absolute": ({"name": "/tmp/escape.mp4"}, "path_refused", "plain file name"),
     "no-folder": ({"out_dir": "/nonexistent/folder"}, "path_refused", "not an existing folder"),
+    "name-of-another-kind": ({"name": "clip.mov"}, "bad_params", "name 'clip.mov' must end in .mp4 for task t2v"),
 }
 
 

@@ -27,6 +27,14 @@ final class StarflowHelperTests: XCTestCase {
         return folder
     }
 
+    /// The shipped model loaded and a clip long enough (41 frames, sequential) to be stopped while it runs.
+    func startLongJob(_ helper: StarflowHelper, in folder: URL) async throws
+        -> (id: RequestID, events: AsyncThrowingStream<HelperEvent, Error>) {
+        _ = try await helper.call("load")
+        return helper.stream("generate", ["prompt": prompt, "out_dir": .string(folder.path),
+                                          "settings": ["frames": 41, "jacobi": false]])
+    }
+
     func testHelloSpeaksTheProtocolThisClientKnows() async throws {
         let helper = try makeHelper()
         defer { helper.stop() }
@@ -78,9 +86,7 @@ final class StarflowHelperTests: XCTestCase {
         let helper = try makeHelper()
         defer { helper.stop() }
         let folder = try makeFolder()
-        _ = try await helper.call("load")
-        let job = helper.stream("generate", ["prompt": prompt, "out_dir": .string(folder.path),
-                                             "settings": ["frames": 41, "jacobi": false]])
+        let job = try await startLongJob(helper, in: folder)
         var cancelled = false
         do {
             for try await event in job.events where event.kind == .frame && !cancelled {
@@ -97,10 +103,7 @@ final class StarflowHelperTests: XCTestCase {
     func testAKilledHelperFailsItsPendingRequestsAndIsRestarted() async throws {
         let helper = try makeHelper()
         defer { helper.stop() }
-        let folder = try makeFolder()
-        _ = try await helper.call("load")
-        let job = helper.stream("generate", ["prompt": prompt, "out_dir": .string(folder.path),
-                                             "settings": ["frames": 41, "jacobi": false]])
+        let job = try await startLongJob(helper, in: try makeFolder())
         do {
             for try await event in job.events where event.kind == .progress {
                 if let pid = helper.processIdentifier, pid > 0 { kill(pid, SIGKILL) }
